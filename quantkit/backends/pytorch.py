@@ -1,0 +1,48 @@
+"""PyTorch backend: a transformers GPTNeoXForCausalLM (fp16 on CUDA is the reference; fp32/bf16/fp16 on CPU)."""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def decode_weight_bytes(model: PreTrainedModel) -> int:
+    """Bytes of parameters and buffers (packed GPTQ tensors included) except the input embedding table,
+    which a decode step reads one row of."""
+    embedding = model.get_input_embeddings().weight
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers()) if t is not embedding}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class TorchBackend:
+    """Runs a transformers causal LM with a DynamicCache; also serves GPTQ models loaded through transformers."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.vocab_rows = model.config.vocab_size
+        self.device = str(model.device)
+        self.max_positions = model.config.max_position_embeddings
+        self.decode_weight_bytes = decode_weight_bytes(model)
+
+    def new_cache(self, batch_size: int) -> DynamicCache:
+        return DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: DynamicCache,
+        last_only: bool = True,
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1 if last_only else 0,
+        )
+        return out.logits.float(), out.cache

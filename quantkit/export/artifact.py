@@ -1,0 +1,146 @@
+"""What every artifact folder shares: atomic writing, config and tokenizer files, the manifest."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from quantkit.chat import CARD_MAX_NEW_TOKENS, CARD_TEMPERATURE, stop_token_ids
+from quantkit.errors import QuantkitError
+
+MANIFEST = "quantkit.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; it becomes `out` only if the block completes.
+
+    On any exception (or a kill) nothing appears at `out`: the temporary folder is removed, or at worst left
+    under a hidden `.name.tmp-*` name that a later run ignores.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QuantkitError(f"output folder exists: {out} (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(trash / out.name)
+            staging.rename(out)
+            shutil.rmtree(trash)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def ensure_free_space(folder: Path, needed_bytes: int) -> None:
+    """Fail before a large write, not half-way through it."""
+    folder = Path(folder)
+    probe = folder if folder.exists() else folder.parent
+    probe.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise QuantkitError(
+            f"not enough disk space in {probe}: {needed_bytes / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free"
+        )
+
+
+def write_config(config: PretrainedConfig, dst: Path, extra: dict | None = None) -> None:
+    """config.json with the original GPT-NeoX keys that older loaders (vLLM, TGI) read kept beside
+    transformers 5's `rope_parameters`, plus `extra` keys (e.g. quantization_config)."""
+    data = config.to_dict()
+    rope = data.get("rope_parameters") or {}
+    data.setdefault("rotary_pct", rope.get("partial_rotary_factor", 0.25))
+    data.setdefault("rotary_emb_base", rope.get("rope_theta", 10000))
+    data["architectures"] = ["GPTNeoXForCausalLM"]
+    data.pop("_attn_implementation_autoset", None)
+    data.pop("attn_implementation", None)
+    data.update(extra or {})
+    (dst / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer_files(tokenizer: PreTrainedTokenizerBase, dst: Path) -> None:
+    """The source's tokenizer files byte for byte when they are on disk, else as transformers saves them."""
+    src = Path(tokenizer.name_or_path)
+    if all((src / name).is_file() for name in TOKENIZER_FILES[:2]):
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dst / name)
+    else:
+        tokenizer.save_pretrained(dst)
+
+
+def write_generation_config(tokenizer: PreTrainedTokenizerBase, dst: Path) -> None:
+    """The card's sampling defaults, with the StableLM stop ids as eos so servers stop where the card does."""
+    stops = stop_token_ids(tokenizer)
+    GenerationConfig(
+        do_sample=True,
+        temperature=CARD_TEMPERATURE,
+        max_new_tokens=CARD_MAX_NEW_TOKENS,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    ).save_pretrained(dst)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` except the manifest, by relative path."""
+    return {
+        str(path.relative_to(folder)): sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def write_manifest(folder: Path, info: dict) -> None:
+    """quantkit.json: `info` (recipe, options, versions, validation, metrics) plus the sha256 of every file."""
+    manifest = {**info, "files": file_hashes(folder)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise QuantkitError(f"{folder} has no {MANIFEST}: not a quantkit artifact")
+    return json.loads(path.read_text())
+
+
+def verify(folder: Path) -> list[str]:
+    """Problems found by re-hashing an artifact against its manifest (empty when it verifies)."""
+    expected = read_manifest(folder)["files"]
+    actual = file_hashes(Path(folder))
+    problems = [f"missing: {name}" for name in sorted(expected.keys() - actual.keys())]
+    problems += [f"unexpected: {name}" for name in sorted(actual.keys() - expected.keys())]
+    problems += [f"sha256 mismatch: {name}" for name in sorted(expected.keys() & actual.keys()) if expected[name] != actual[name]]
+    return problems
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries an artifact depends on, for its manifest."""
+    from importlib import metadata
+
+    found = {}
+    for package in ("quantkit", "torch", "transformers", "gptqmodel", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found

@@ -1,0 +1,53 @@
+"""StableLM prompt format, stop tokens and sampling."""
+import torch
+
+from quantkit.chat import STABLELM_SYSTEM_PROMPT, Sampler, render_prompt, stop_token_ids
+
+
+def test_prompt_with_system_and_two_turn_history():
+    text = render_prompt("And 3+3?", system="Be brief.\n", history=[("Hi", "Hello!"), ("2+2?", "4")])
+    assert text == (
+        "<|SYSTEM|>Be brief.\n<|USER|>Hi<|ASSISTANT|>Hello!<|USER|>2+2?<|ASSISTANT|>4<|USER|>And 3+3?<|ASSISTANT|>"
+    )
+
+
+def test_default_system_prompt_is_the_cards_five_lines():
+    lines = STABLELM_SYSTEM_PROMPT.split("\n")
+    assert len(lines) == 6 and lines[-1] == ""  # five lines, each ending in a line break
+    assert lines[0] == "# StableLM Tuned (Alpha version)"
+    assert lines[4] == "- StableLM will refuse to participate in anything that could harm a human."
+    assert render_prompt("hi").startswith("<|SYSTEM|># StableLM Tuned (Alpha version)\n- StableLM is a helpful")
+
+
+def test_real_tokenizer_stop_ids_and_single_id_chat_tokens(stablelm_tokenizer):
+    assert stop_token_ids(stablelm_tokenizer) == [50278, 50279, 50277, 1, 0]
+    for text, expected in [("<|SYSTEM|>", 50277), ("<|USER|>", 50278), ("<|ASSISTANT|>", 50279)]:
+        assert stablelm_tokenizer(text)["input_ids"] == [expected]
+    ids = stablelm_tokenizer(render_prompt("Hello"))["input_ids"]
+    assert ids[0] == 50277 and ids[-1] == 50279 and ids.count(50278) == 1
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens():
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+
+    def draw(seed):
+        sampler = Sampler(temperature=1.0, seed=seed)
+        return torch.stack([sampler(logits) for _ in range(8)]).tolist()
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_top_k_one_is_greedy_and_padding_rows_are_never_chosen():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    logits[:, 45] = 100.0  # a padding row that would win
+    greedy = Sampler(vocab_limit=40)(logits)
+    assert (greedy < 40).all()
+    assert torch.equal(Sampler(temperature=0.7, top_k=1, seed=3, vocab_limit=40)(logits), greedy)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    sampler = Sampler(temperature=1.0, top_p=0.8, seed=0)
+    drawn = {sampler(logits).item() for _ in range(200)}
+    assert drawn == {0, 1}
