@@ -1,0 +1,161 @@
+"""Quality and speed per model, and the benchmark tables: JSON, Markdown and a PNG plot.
+
+One row per model or artifact: perplexity, its change vs the reference, mean KL divergence, top-1 agreement,
+prefill and decode tokens/s, speed-up vs the reference, % of the bandwidth roofline, size and peak memory.
+The machine heads every table.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantkit.agreement import compare, reference_rows
+from quantkit.backends import Backend, open_backend
+from quantkit.bench import BenchSettings, benchmark, folder_bytes
+from quantkit.data import load_dataset
+from quantkit.errors import QuantkitError
+from quantkit.evaluate import Method, perplexity
+from quantkit.fingerprint import source_fingerprint
+
+DEFAULT_WINDOW = 2048
+KLD_TOKENS = 16384
+
+
+def source_id(spec: str, backend: Backend) -> str:
+    """A cache identity for a model as a given backend runs it."""
+    return f"{spec}|{backend.name}|{source_fingerprint(spec)}"
+
+
+def method_for(backend: Backend, window: int | None, stride: int | None, batch_size: int) -> Method:
+    """Defaults: window = min(2048, the model's positions), stride = window / 4."""
+    window = window or min(DEFAULT_WINDOW, backend.max_positions)
+    if window > backend.max_positions:
+        raise QuantkitError(f"window {window} exceeds the model's {backend.max_positions} positions")
+    return Method(window=window, stride=stride or max(window // 4, 1), batch_size=batch_size)
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    data: str
+    reference: str | None = None
+    window: int | None = None
+    stride: int | None = None
+    batch_size: int = 4
+    kld_tokens: int = KLD_TOKENS
+    dtype: str | None = None
+    device: str | None = None
+
+
+def evaluate_backend(backend: Backend, request: EvalRequest, reference: Backend | None = None) -> dict:
+    """Perplexity of `backend`, plus KL/top-1 agreement when a reference is named (opened unless given)."""
+    dataset = load_dataset(request.data)
+    method = method_for(backend, request.window, request.stride, request.batch_size)
+    record = {"data": request.data, "window": method.window, "stride": method.stride, "backend": backend.name}
+    if request.reference is None:
+        record["perplexity"] = perplexity(backend, dataset, method).as_dict()
+        return record
+    reference = reference or open_backend(request.reference, dtype=request.dtype, device=request.device)
+    rows = reference_rows(reference, source_id(request.reference, reference), dataset, method, request.kld_tokens)
+    result, agreement = compare(backend, rows, dataset, method)
+    record.update(perplexity=result.as_dict(), reference_perplexity=rows.perplexity, agreement=agreement)
+    return record
+
+
+def model_size_bytes(spec: str, backend: Backend) -> int:
+    folder = Path(spec)
+    return folder_bytes(folder) if folder.is_dir() else backend.decode_weight_bytes
+
+
+def measure_model(spec: str, request: EvalRequest, settings: BenchSettings) -> dict:
+    """Eval + bench of one model or artifact: one table row's worth of figures (run in a fresh process by
+    `measure_models`, so its peak memory is its own)."""
+    backend = open_backend(spec, dtype=request.dtype, device=request.device)
+    row = {"model": spec, "backend": backend.name, "size_bytes": model_size_bytes(spec, backend)}
+    row["eval"] = evaluate_backend(backend, request, reference=backend if spec == request.reference else None)
+    row["bench"] = benchmark(backend, settings)
+    return row
+
+
+def in_fresh_process(function, *args):
+    """`function(*args)` in a spawned process, so its peak memory and allocator state are its own."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def measure_models(specs: list[str], request: EvalRequest, settings: BenchSettings) -> list[dict]:
+    """`measure_model` for each spec, each in its own process."""
+    return [in_fresh_process(measure_model, spec, request, settings) for spec in specs]
+
+
+def table_row(row: dict, reference: dict) -> dict[str, str]:
+    """The Markdown cells of one row; speed-up and Δ% are against the reference row."""
+    ppl = row["eval"]["perplexity"]["token_perplexity"]
+    ref_ppl = reference["eval"]["perplexity"]["token_perplexity"]
+    agreement = row["eval"].get("agreement", {})
+    prefill = row["bench"]["prefill"]
+    longest = max(prefill, key=int) if prefill else None
+    decode = row["bench"]["decode"]["1"]
+    ref_decode = reference["bench"]["decode"]["1"]["median"]
+    widest = max(row["bench"]["decode"], key=int)
+    return {
+        "model": f"{row['backend']} `{row.get('name') or Path(row['model']).name}`",
+        "perplexity": f"{ppl:.3f}",
+        "Δ% vs ref": f"{100 * (ppl / ref_ppl - 1):+.2f}",
+        "mean KLD": f"{agreement['kl_mean']:.5f}" if agreement else "—",
+        "top-1 agree": f"{100 * agreement['top1_agreement']:.2f}%" if agreement else "—",
+        f"prefill tok/s ({longest})": f"{prefill[longest]['median']:.0f}" if longest else "—",
+        "decode tok/s (b1)": f"{decode['median']:.1f}",
+        f"decode tok/s (b{widest})": f"{row['bench']['decode'][widest]['median']:.1f}",
+        "speed-up vs ref": f"{decode['median'] / ref_decode:.2f}x",
+        "% roofline (b1)": f"{decode['roofline_pct']:.1f}%",
+        "size": f"{row['size_bytes'] / 2**20:.1f} MiB",
+        "peak memory": f"{row['bench']['peak_memory_bytes'] / 2**20:.0f} MiB",
+    }
+
+
+def markdown(rows: list[dict], machine_line: str, title: str, eval_line: str) -> str:
+    cells = [table_row(row, rows[0]) for row in rows]
+    header = list(cells[0])
+    lines = [f"# {title}", "", f"Machine: {machine_line}", "", eval_line, "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.values()) + " |" for cell in cells]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Quality loss (Δ% perplexity) against decode speed-up, one point per artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = rows[0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        cells = table_row(row, ref)
+        x, y = float(cells["speed-up vs ref"].rstrip("x")), float(cells["Δ% vs ref"])
+        ax.scatter(x, y)
+        ax.annotate(row["backend"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("decode speed-up vs reference (batch 1)")
+    ax.set_ylabel("perplexity change vs reference (%)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], machine: dict, machine_line: str, out_dir: Path, name: str) -> dict[str, Path]:
+    """benchmarks/results/<name>.json, .md and .png; the first row is the reference."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = rows[0]["eval"]
+    eval_line = f"Quality: `{first['data']}`, window {first['window']}, stride {first['stride']}; " \
+                f"KLD and top-1 vs the first row; speed through the shared runner, median of repeats."
+    paths = {suffix: out_dir / f"{name}.{suffix}" for suffix in ("json", "md", "png")}
+    paths["json"].write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    paths["md"].write_text(markdown(rows, machine_line, name, eval_line))
+    plot(rows, paths["png"], name)
+    return paths
