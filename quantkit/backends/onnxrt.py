@@ -84,7 +84,9 @@ class OnnxBackend:
         self.past_names, self.present_names = past_names(self.layers), present_names(self.layers)
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = ORT_TYPES[types[self.past_names[0]]]
-        self.name = f"onnx-{DTYPE_LABELS[self.kv_dtype]}"
+        # onnx-int4 folders keep the GPTQ quantization_config for the record: their linears are MatMulNBits.
+        quantized = config.get("quantization_config", {}).get("bits")
+        self.name = f"onnx-int{quantized}" if quantized else f"onnx-{DTYPE_LABELS[self.kv_dtype]}"
         embedding_bytes = self.vocab_rows * config["hidden_size"] * self.kv_dtype.itemsize
         self.decode_weight_bytes = (folder / DATA_FILE).stat().st_size - embedding_bytes
 

@@ -1,0 +1,335 @@
+"""`quantkit export --fmt onnx-int4`: a GPTQ 4-bit artifact -> an ONNX artifact whose quantized linears run as
+ONNX Runtime's `com.microsoft.MatMulNBits`, from the same packed weights (one quantization, two runtimes).
+
+The fp16 graph of onnx_graph is traced as usual; then each `MatMul(x, <module>.weight.T)` of a quantized module
+becomes `MatMulNBits(x, B, scales, zero_points)` (the bias Add stays as it is). B, scales and zero points are
+re-laid out from the GPTQ tensors exactly, so the dequantized weight is bit-for-bit the GPTQ one:
+  GPTQ    qweight int32 [K/8, N] (nibbles low-first along K), qzeros int32 [groups, N/8] (v1: stored zero - 1),
+          scales fp16 [groups, N], g_idx int32 [K];  W[k, n] = scales[g_idx[k], n] * (q[k, n] - (z[g_idx[k], n] + 1))
+  ORT     B uint8 [N, blocks, block_size/2] (low nibble first along K), scales [N * blocks],
+          zero_points uint8 [N * ceil(blocks/2)] or scales' dtype [N * blocks];  W = (q - zero_point) * scale per block
+With act-order, g_idx is not sorted: the input features are permuted (a Gather on the activation's last axis, and
+the rows of q in the same order) so that every group is contiguous; the product is unchanged.
+
+Everything else (IO names, external data, config/tokenizer files, validation before publishing) is the fp16 ONNX
+export's; validation runs against the GPTQ PyTorch backend (open_gptq), which computes the same product.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from safetensors import safe_open
+from transformers import GPTNeoXConfig
+
+from quantkit.errors import QuantkitError
+from quantkit.export import onnx_graph
+from quantkit.export.artifact import (
+    copy_tokenizer_files,
+    ensure_free_space,
+    staged_output,
+    versions,
+    write_config,
+    write_generation_config,
+    write_manifest,
+)
+from quantkit.export.gptq import GptqOptions, export_gptq
+from quantkit.export.onnx import Reference, Tolerance, check_artifact, checkpoint_reader, record_reference, \
+    validation_section
+from quantkit.sources import default_device, load_tokenizer
+
+FORMAT = "onnx-int4"
+DTYPE = torch.float16  # the graph dtype: activations, KV cache, scales and the unquantized weights (as in GPTQ)
+OPSET = 18
+MS_DOMAIN = "com.microsoft"
+BITS = 4
+DEFAULT_BLOCK = 128  # block size for per-column (group_size -1) checkpoints: one scale repeated over the blocks
+LINEAR = re.compile(r"^model\.(gpt_neox\.layers\.\d+\.[a-z_.0-9]+)\.weight\.T$")  # onnx_graph's folded weights
+# Against open_gptq, whose CPU activations are bf16 (8 significant bits). Measured on the trained tiny model
+# (act-order, group 32): max |diff| 0.060 at logit scale 14.25 (4e-3 of it), and the GPTQ backend alone is 0.060
+# off an fp32 dequantized model while this graph is 0.0025 off it: the bf16 rounding is the whole difference.
+# This limit (0.106 there) allows ~1.5x that relative error; a zero point off by one moves logits by ~0.6.
+TOLERANCE = Tolerance(atol=0.02, rtol=6e-3)
+
+
+# ---- GPTQ tensors -> MatMulNBits initializers -----------------------------------------------------------------
+
+
+def unpack_nibbles(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 4-bit fields of int32 words, lowest first, laid out along `dim` (0 or 1), as uint8."""
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int32)
+    fields = (words.unsqueeze(dim + 1) >> shifts.view([-1 if d == dim + 1 else 1 for d in range(words.dim() + 1)])) & 0xF
+    shape = list(words.shape)
+    shape[dim] *= 32 // BITS
+    return fields.reshape(shape).to(torch.uint8)
+
+
+def pack_pairs(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values < 16, two per byte along the last axis (even index in the low nibble), zero-padded."""
+    if values.shape[-1] % 2:
+        values = torch.nn.functional.pad(values, (0, 1))
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+@dataclass(frozen=True)
+class QuantLinear:
+    """One quantized linear: where its tensors are, its shape, and the input order that makes groups contiguous."""
+
+    prefix: str  # checkpoint name, e.g. "gpt_neox.layers.0.attention.query_key_value"
+    file: Path
+    in_features: int  # K
+    out_features: int  # N
+    block_size: int
+    order: torch.Tensor  # stable argsort of g_idx: ORT's input feature j is GPTQ's feature order[j]
+    block_groups: torch.Tensor  # GPTQ group of each block
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.in_features // self.block_size)
+
+    @property
+    def reordered(self) -> bool:
+        return not torch.equal(self.order, torch.arange(self.in_features))
+
+    def read(self, field: str) -> torch.Tensor:
+        with safe_open(self.file, "pt") as handle:
+            return handle.get_tensor(f"{self.prefix}.{field}")
+
+    def zeros(self) -> torch.Tensor:
+        """Zero points per (N, block): v1 stores zero - 1, so add it back; a stored 0xF nibble gives 16."""
+        z = unpack_nibbles(self.read("qzeros"), 1)[:, : self.out_features].long() + 1
+        return z[self.block_groups].t()
+
+    def packed_weight(self) -> np.ndarray:
+        q = unpack_nibbles(self.read("qweight"), 0)[self.order]  # [K, N], rows in ORT's input order
+        padded = torch.nn.functional.pad(q.t(), (0, self.blocks * self.block_size - self.in_features))
+        return pack_pairs(padded).reshape(self.out_features, self.blocks, self.block_size // 2).numpy()
+
+    def scales(self) -> np.ndarray:
+        return self.read("scales")[self.block_groups].t().to(DTYPE).reshape(-1).numpy()
+
+    def zero_points(self) -> np.ndarray:
+        """Packed uint8 when every zero point fits in a nibble (ORT's fast kernels take those), else in the scales'
+        dtype (exact for 1..16)."""
+        z = self.zeros()
+        if int(z.max()) < 16:
+            return pack_pairs(z.to(torch.uint8)).reshape(-1).numpy()
+        return z.to(DTYPE).reshape(-1).numpy()
+
+    def zero_point_spec(self) -> tuple[ir.DataType, int]:
+        z = self.zeros()
+        if int(z.max()) < 16:
+            return ir.DataType.UINT8, self.out_features * -(-self.blocks // 2)
+        return ir.DataType.FLOAT16, self.out_features * self.blocks
+
+
+def block_size(group_size: int, in_features: int) -> int:
+    """MatMulNBits blocks: the group size; per-column scales are repeated over blocks of DEFAULT_BLOCK."""
+    return group_size if group_size > 0 else min(DEFAULT_BLOCK, 1 << (in_features - 1).bit_length())
+
+
+def describe_linear(prefix: str, file: Path, group_size: int) -> QuantLinear:
+    with safe_open(file, "pt") as handle:
+        g_idx = handle.get_tensor(f"{prefix}.g_idx").long()
+        out_features = handle.get_slice(f"{prefix}.qweight").get_shape()[1]
+    in_features = len(g_idx)
+    size = block_size(group_size, in_features)
+    order = torch.argsort(g_idx, stable=True)
+    groups = g_idx[order]
+    starts = torch.arange(0, in_features, size)
+    ends = torch.clamp(starts + size, max=in_features) - 1
+    if not torch.equal(groups[starts], groups[ends]):
+        raise QuantkitError(f"{prefix}: its groups are not {size} features each, which MatMulNBits blocks need")
+    return QuantLinear(prefix, file, in_features, out_features, size, order, groups[starts])
+
+
+def quantized_linears(folder: Path, group_size: int) -> dict[str, QuantLinear]:
+    """Every quantized linear of a GPTQ folder (any shard), by checkpoint prefix."""
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            prefixes = [k.removesuffix(".qweight") for k in handle.keys() if k.endswith(".qweight")]
+        for prefix in prefixes:
+            found[prefix] = describe_linear(prefix, file, group_size)
+    return found
+
+
+# ---- graph surgery -----------------------------------------------------------------------------------------------
+
+
+def initializer(graph: ir.Graph, name: str, dtype: ir.DataType, shape: list[int], load) -> ir.Value:
+    """A lazily computed initializer: built from the GPTQ tensors only when the saver writes it."""
+    tensor = ir.LazyTensor(lambda: ir.tensor(load(), name=name), dtype=dtype, shape=ir.Shape(shape), name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def matmul_nbits(graph: ir.Graph, matmul: ir.Node, linear: QuantLinear) -> None:
+    """Replace `matmul` (x @ W.T) by MatMulNBits on the GPTQ weights, after a Gather when act-order reorders."""
+    name = onnx_graph.WRAPPER_PREFIX + linear.prefix
+    x, weight = matmul.inputs
+    new_nodes = []
+    if linear.reordered:
+        perm = initializer(graph, f"{name}.input_order", ir.DataType.INT64, [linear.in_features],
+                           lambda: linear.order.numpy())
+        gather = ir.node("Gather", [x, perm], attributes={"axis": -1}, name=f"{name}/Gather",
+                         outputs=[ir.Value(name=f"{name}/Gather_output_0")])
+        x = gather.outputs[0]
+        new_nodes.append(gather)
+    n, blocks = linear.out_features, linear.blocks
+    zp_dtype, zp_len = linear.zero_point_spec()
+    inputs = [
+        x,
+        initializer(graph, f"{name}.B", ir.DataType.UINT8, [n, blocks, linear.block_size // 2], linear.packed_weight),
+        initializer(graph, f"{name}.scales", ir.DataType.FLOAT16, [n * blocks], linear.scales),
+        initializer(graph, f"{name}.zero_points", zp_dtype, [zp_len], linear.zero_points),
+    ]
+    node = ir.node("MatMulNBits", inputs, domain=MS_DOMAIN, name=f"{name}/MatMulNBits",
+                   attributes={"K": linear.in_features, "N": n, "bits": BITS, "block_size": linear.block_size},
+                   outputs=[ir.Value(name=f"{name}/MatMulNBits_output_0")])
+    new_nodes.append(node)
+    node.outputs[0].shape, node.outputs[0].type = matmul.outputs[0].shape, matmul.outputs[0].type
+    graph.insert_before(matmul, new_nodes)
+    matmul.outputs[0].replace_all_uses_with(node.outputs[0])
+    graph.remove(matmul, safe=True)
+    graph.initializers.pop(weight.name)
+
+
+def replace_linears(graph: ir.Graph, linears: dict[str, QuantLinear]) -> None:
+    """Swap every quantized linear's MatMul; fails if one of the checkpoint's linears is not found in the graph."""
+    done = set()
+    for node in list(graph):
+        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+        match = LINEAR.match(weight.name) if weight is not None and weight.name else None
+        if match and match.group(1) in linears:
+            matmul_nbits(graph, node, linears[match.group(1)])
+            done.add(match.group(1))
+    missing = sorted(linears.keys() - done)
+    if missing:
+        raise QuantkitError(f"no MatMul found in the traced graph for quantized linears: {', '.join(missing)}")
+
+
+# ---- artifact ----------------------------------------------------------------------------------------------------
+
+
+def is_gptq_folder(model: str) -> bool:
+    config = Path(model) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
+
+
+def check_quantization(quantization: dict, folder: Path) -> None:
+    if quantization.get("bits") != BITS:
+        raise QuantkitError(f"{folder}: MatMulNBits export needs {BITS}-bit GPTQ, got {quantization.get('bits')} bits")
+    if quantization.get("checkpoint_format", quantization.get("format", "gptq")) != "gptq":
+        raise QuantkitError(f"{folder}: expected a classic (v1) GPTQ checkpoint, got "
+                            f"{quantization.get('checkpoint_format') or quantization.get('format')}")
+
+
+def write_model_files(gptq: Path, folder: Path) -> dict:
+    """model.onnx + model.onnx.data, config (keeping quantization_config), generation config, tokenizer files.
+    Returns the quantization config."""
+    config = GPTNeoXConfig.from_pretrained(gptq)
+    quantization = json.loads((gptq / "config.json").read_text())["quantization_config"]
+    check_quantization(quantization, gptq)
+    linears = quantized_linears(gptq, quantization["group_size"])
+    model, weights = onnx_graph.trace(config, DTYPE, OPSET)
+    buffers = onnx_graph.rotary_buffers(config)
+    read = checkpoint_reader(gptq)
+    onnx_graph.attach_weights(model.graph, weights, lambda key: buffers[key] if key in buffers else read(key))
+    replace_linears(model.graph, linears)
+    model.opset_imports[MS_DOMAIN] = 1
+    onnx_graph.save_graph(model, folder)
+    write_config(config, folder, extra={"dtype": "float16", "quantization_config": quantization})
+    tokenizer = load_tokenizer(gptq)
+    write_generation_config(tokenizer, folder)
+    copy_tokenizer_files(tokenizer, folder)
+    return quantization
+
+
+def validate(folder: Path, gptq: Path, device: str, out: Path) -> dict:
+    """The fp16 export's validation, against the GPTQ PyTorch backend; raises QuantkitError on failure."""
+    from quantkit.backends.gptq import open_gptq
+    from quantkit.backends.onnxrt import OnnxBackend
+
+    reference_backend = open_gptq(gptq, device)
+    reference = Reference(f"{reference_backend.name} ({reference_backend.device})", record_reference(reference_backend))
+    del reference_backend
+    gc.collect()
+    record = {"reference": reference.name} | check_artifact(OnnxBackend(folder, device=device), reference.runs, TOLERANCE)
+    if not record["passed"]:
+        more = f" (+{len(record['problems']) - 1} more)" if len(record["problems"]) > 1 else ""
+        raise QuantkitError(f"ONNX int4 validation failed: {record['problems'][0]}{more}; nothing was written to {out}")
+    return record
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def export_from_gptq(gptq: Path, source: str, out: Path, overwrite: bool, device: str, extra: dict) -> Path:
+    started = time.perf_counter()
+    with staged_output(out, overwrite) as staging:
+        ensure_free_space(staging, folder_bytes(gptq) + 2**26)
+        try:
+            quantization = write_model_files(gptq, staging)
+        except OSError as exc:
+            raise QuantkitError(f"could not write the ONNX model into {out.parent}: {exc}") from None
+        validation = validate(staging, gptq, device, out)
+        metrics = {"seconds": round(time.perf_counter() - started, 1),
+                   "data_bytes": (staging / onnx_graph.DATA_FILE).stat().st_size}
+        (staging / "README.md").write_text(model_card(source, quantization, validation, metrics))
+        write_manifest(staging, {"format": FORMAT, "source": source, "options": {"dtype": "fp16", "opset": OPSET},
+                                 "quantization_config": quantization, "versions": versions(),
+                                 "validation": validation, "metrics": metrics, **extra})
+    return out
+
+
+def export_onnx_int4(model: str, out: Path, *, overwrite: bool = False, gptq_options: GptqOptions | None = None,
+                     manifest_extra: dict | None = None) -> Path:
+    """Export the GPTQ artifact `model` (or quantize `model` with `gptq_options` first) as an int4 ONNX folder."""
+    out = Path(out)
+    options = gptq_options or GptqOptions()
+    device = options.device or default_device()
+    extra = dict(manifest_extra or {})
+    if is_gptq_folder(model):
+        return export_from_gptq(Path(model), model, out, overwrite, device, extra)
+    if out.exists() and not overwrite:  # fail before the long quantization, not after it
+        raise QuantkitError(f"output folder exists: {out} (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.gptq-", dir=out.parent) as work:
+        gptq = export_gptq(model, Path(work) / "gptq", options)
+        extra["gptq"] = {"options": asdict(options), "manifest": json.loads((gptq / "quantkit.json").read_text())}
+        return export_from_gptq(gptq, model, out, overwrite, device, extra)
+
+
+def model_card(source: str, quantization: dict, validation: dict, metrics: dict) -> str:
+    group = quantization["group_size"]
+    return f"""# {Path(source).name} — ONNX int4 (GPTQ, MatMulNBits)
+
+Exported by quantkit from the GPTQ checkpoint `{source}` ({quantization['bits']}-bit, group size {group},
+{'act-order' if quantization.get('desc_act') else 'no act-order'}, {'symmetric' if quantization.get('sym') else 'asymmetric'}).
+Every quantized linear is ONNX Runtime's `com.microsoft.MatMulNBits` on the GPTQ checkpoint's own packed weights,
+scales and zero points (re-laid out, not re-quantized; with act-order a `Gather` permutes the input features so
+groups are contiguous). The embedding, the output head, LayerNorms and biases are fp16, as in the checkpoint.
+`config.json` keeps the `quantization_config` for the record. Data: {metrics['data_bytes'] / 2**20:.1f} MiB in
+`model.onnx.data`.
+
+Needs ONNX Runtime with the com.microsoft contrib ops (the standard `onnxruntime` / `onnxruntime-gpu` packages).
+The inputs, outputs and KV cache are those of quantkit's fp16 ONNX export (optimum's names):
+`input_ids`, `attention_mask`, `position_ids`, `past_key_values.{{i}}.key|value` (fp16) in; `logits` (fp32) and
+`present.{{i}}.key|value` out. Run it with `quantkit generate --model path/to/this/folder --prompt "Hi!"` or
+optimum's `ORTModelForCausalLM`.
+
+Prompt format: `<|SYSTEM|>{{system}}<|USER|>{{message}}<|ASSISTANT|>`; stop ids in generation_config.json.
+
+## Validation
+{validation_section(validation)}"""

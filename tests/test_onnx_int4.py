@@ -1,0 +1,259 @@
+"""ONNX int4 export (issue 7): MatMulNBits computes exactly the GPTQ weight, and the exported tiny model runs
+like the GPTQ PyTorch backend.
+
+The weight checks run each MatMulNBits (with its Gather, under act-order) alone in ONNX Runtime on an identity
+input, so its output is the weight it computes with, and compare that with a plain-numpy dequantizer written here
+from the classic GPTQ layout's definition (independent of the exporter's own unpacking).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import GPTNeoXForCausalLM
+
+from quantkit.backends import open_backend
+from quantkit.backends.gptq import open_gptq
+from quantkit.backends.onnxrt import OnnxBackend
+from quantkit.backends.pytorch import TorchBackend
+from quantkit.chat import Sampler, render_prompt
+from quantkit.data import Dataset, load_dataset
+from quantkit.errors import QuantkitError
+from quantkit.evaluate import Method, perplexity
+from quantkit.export import onnx_int4
+from quantkit.export.artifact import verify
+from quantkit.export.gptq import GptqOptions, export_gptq
+from quantkit.export.onnx_int4 import export_onnx_int4
+from quantkit.runner import generate, left_pad, positions
+from quantkit.sources import model_folder
+
+CALIB = dict(calib=("tiny-train",), calib_samples=16, calib_seqlen=128, device="cpu")
+LINEARS_PER_LAYER = 4
+QUESTIONS = ["Explain the assert statement.", "What does the with statement do?"]
+STEPS = 32
+# Prefill logits (scale ~14) of the act-order model, measured: vs the fp32 dequantized model 2.5e-3 (the graph's
+# fp16 rounding), vs the GPTQ backend 0.060 (its bf16 activations: the backend itself is 0.060 off the fp32 model).
+# A zero point off by one moves logits by ~0.6.
+MAX_EXACT_DIFF = 0.01
+MAX_BACKEND_DIFF = 0.12
+# Held-out perplexity, measured on the whole text: int4 ONNX 114.720, GPTQ backend 114.694 (+0.02 %). The test
+# scores the first quarter: the GPTQ backend's bf16 CPU kernel needs ~75 s for the whole text on two cores.
+PPL_RELATIVE = 0.005
+
+
+def quantize(tmp_path_factory, name: str, **options) -> Path:
+    return export_gptq("tiny", tmp_path_factory.mktemp("gptq") / name, GptqOptions(**CALIB, **options))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[tuple[bool, int], Path]:
+    """GPTQ folders by (act-order, group size): RTN for the plain layouts (no Hessian needed), GPTQ for act-order."""
+    return {
+        (False, 128): quantize(tmp_path_factory, "rtn-128", method="rtn", group_size=128),
+        (False, 32): quantize(tmp_path_factory, "rtn-32", method="rtn", group_size=32),
+        (True, 128): quantize(tmp_path_factory, "act-128", desc_act=True, group_size=128),
+        (True, 32): quantize(tmp_path_factory, "act-32", desc_act=True, group_size=32),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(artifacts, tmp_path_factory) -> Path:
+    """The act-order group-32 model as int4 ONNX (validated by the exporter before it is published)."""
+    return export_onnx_int4(str(artifacts[True, 32]), tmp_path_factory.mktemp("onnx") / "int4")
+
+
+# ---- an independent dequantizer (numpy, from the layout's definition) and a one-node runner ----
+
+
+def nibbles(words: np.ndarray, axis: int) -> np.ndarray:
+    """Field j of each int32 word is bits 4j..4j+3; fields follow each other along `axis`."""
+    fields = np.stack([(words.view(np.uint32) >> np.uint32(4 * j)) & np.uint32(0xF) for j in range(8)], axis=axis + 1)
+    shape = list(words.shape)
+    shape[axis] *= 8
+    return fields.reshape(shape).astype(np.int64)
+
+
+def dequantize(folder: Path, prefix: str) -> np.ndarray:
+    """W [in, out] = scales[g_idx] * (q - (stored zero + 1)), in fp32."""
+    tensors = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "np") as handle:
+            tensors |= {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix + ".")}
+    groups = tensors[f"{prefix}.g_idx"].astype(np.int64)
+    q = nibbles(tensors[f"{prefix}.qweight"], 0)
+    zeros = nibbles(tensors[f"{prefix}.qzeros"], 1) + 1
+    return tensors[f"{prefix}.scales"].astype(np.float32)[groups] * (q - zeros[groups])
+
+
+def weight_of(nodes: list[ir.Node], k: int) -> np.ndarray:
+    """Run `nodes` (copies of [Gather,] MatMulNBits with their initializers) on the identity: their weight [K, N]."""
+    x = ir.Value(name="x", shape=ir.Shape([k, k]), type=ir.TensorType(ir.DataType.FLOAT16))
+    values, copies = {nodes[0].inputs[0].name: x}, []
+    initializers = []
+    for node in nodes:
+        inputs = []
+        for value in node.inputs:
+            if value is None or value.name in values:
+                inputs.append(values.get(value.name) if value is not None else None)
+                continue
+            const = ir.Value(name=value.name, const_value=ir.tensor(value.const_value.numpy(), name=value.name),
+                             shape=value.shape, type=value.type)
+            values[value.name] = const
+            initializers.append(const)
+            inputs.append(const)
+        copy = ir.node(node.op_type, inputs, attributes={a.name: a.value for a in node.attributes.values()},
+                       domain=node.domain, outputs=[ir.Value(name=node.outputs[0].name)])
+        values[node.outputs[0].name] = copy.outputs[0]
+        copies.append(copy)
+    copies[-1].outputs[0].type = ir.TensorType(ir.DataType.FLOAT16)
+    graph = ir.Graph([x], [copies[-1].outputs[0]], nodes=copies, initializers=initializers,
+                     opset_imports={"": 18, "com.microsoft": 1})
+    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=10))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": np.eye(k, dtype=np.float16)})[0].astype(np.float32)
+
+
+def int4_nodes(graph: ir.Graph) -> dict[str, list[ir.Node]]:
+    """[Gather,] MatMulNBits per quantized module, by checkpoint prefix."""
+    found = {}
+    for node in graph:
+        if node.op_type == "MatMulNBits":
+            source = node.inputs[0].producer()
+            chain = [source, node] if source is not None and source.op_type == "Gather" else [node]
+            found[node.name.removeprefix("model.").removesuffix("/MatMulNBits")] = chain
+    return found
+
+
+def surgery_graph(folder: Path) -> ir.Graph:
+    """Only the quantized linears: MatMul(x, <module>.weight.T) each, then the exporter's replacement."""
+    quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
+    linears = onnx_int4.quantized_linears(folder, quantization["group_size"])
+    nodes, inputs, initializers = [], [], []
+    for prefix, linear in linears.items():
+        x = ir.Value(name=f"{prefix}.x", shape=ir.Shape([1, linear.in_features]),
+                     type=ir.TensorType(ir.DataType.FLOAT16))
+        w = ir.Value(name=f"model.{prefix}.weight.T", shape=ir.Shape([linear.in_features, linear.out_features]),
+                     type=ir.TensorType(ir.DataType.FLOAT16))
+        matmul = ir.node("MatMul", [x, w], outputs=[ir.Value(name=f"{prefix}.xw")])
+        # an Identity after it, as in the model: the MatMul's output is not a graph output
+        nodes += [matmul, ir.node("Identity", matmul.outputs, outputs=[ir.Value(name=f"{prefix}.y")])]
+        inputs.append(x)
+        initializers.append(w)
+    graph = ir.Graph(inputs, [n.outputs[0] for n in nodes[1::2]], nodes=nodes, initializers=initializers,
+                     opset_imports={"": 18})
+    onnx_int4.replace_linears(graph, linears)
+    return graph
+
+
+# ---- layout ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group", [128, 32])
+def test_matmulnbits_weight_is_the_gptq_weight(artifacts, act_order, group):
+    folder = artifacts[act_order, group]
+    nodes = int4_nodes(surgery_graph(folder))
+    assert len(nodes) == 2 * LINEARS_PER_LAYER
+    for prefix, chain in nodes.items():
+        expected = dequantize(folder, prefix)
+        assert [n.op_type for n in chain] == (["Gather", "MatMulNBits"] if act_order else ["MatMulNBits"])
+        assert chain[-1].attributes["block_size"].value == group
+        # fp16 output: the product rounded once (2^-11 relative)
+        np.testing.assert_allclose(weight_of(chain, expected.shape[0]), expected, rtol=1e-3, atol=1e-6)
+
+
+def test_zero_point_sixteen(tmp_path):
+    """Asymmetric checkpoints can store v1 zero 0xF (zero point 16): float zero points, same weight."""
+    k, n, group = 64, 16, 16
+    gen = torch.Generator().manual_seed(0)
+    words = lambda *shape: torch.randint(-2**31, 2**31 - 1, shape, generator=gen, dtype=torch.int64).to(torch.int32)
+    qzeros = words(k // group, n // 8)
+    qzeros[0, 0] = -1  # all eight fields 0xF
+    prefix = "gpt_neox.layers.0.mlp.dense_h_to_4h"
+    save_file({f"{prefix}.qweight": words(k // 8, n), f"{prefix}.qzeros": qzeros,
+               f"{prefix}.scales": torch.rand(k // group, n, generator=gen).half() / 8,
+               f"{prefix}.g_idx": torch.randperm(k, generator=gen).int() // group}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"group_size": group}}))
+    chain = int4_nodes(surgery_graph(tmp_path))[prefix]
+    assert chain[-1].inputs[3].dtype == ir.DataType.FLOAT16
+    np.testing.assert_allclose(weight_of(chain, k), dequantize(tmp_path, prefix), rtol=1e-3, atol=1e-6)
+
+
+def test_saved_graph(exported, artifacts):
+    """In the published model every quantized linear is MatMulNBits on the GPTQ weight; embedding and head fp16."""
+    model = ir.load(exported / "model.onnx")
+    nodes = int4_nodes(model.graph)
+    assert len(nodes) == 2 * LINEARS_PER_LAYER
+    assert not [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].name.startswith("model.gpt_neox.layers")]
+    for prefix, chain in nodes.items():
+        expected = dequantize(artifacts[True, 32], prefix)
+        np.testing.assert_allclose(weight_of(chain, expected.shape[0]), expected, rtol=1e-3, atol=1e-6)
+    for name in ("model.gpt_neox.embed_in.weight", "model.lm_head.weight.T"):
+        assert model.graph.initializers[name].dtype == ir.DataType.FLOAT16
+    assert (exported / "model.onnx.data").is_file()
+    config = json.loads((exported / "config.json").read_text())
+    assert config["quantization_config"]["desc_act"] is True
+    manifest = json.loads((exported / "quantkit.json").read_text())
+    assert manifest["format"] == "onnx-int4" and manifest["validation"]["passed"]
+    assert verify(exported) == []
+    assert isinstance(open_backend(str(exported)), OnnxBackend)
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backends(exported, artifacts):
+    return OnnxBackend(exported, device="cpu"), open_gptq(artifacts[True, 32], "cpu")
+
+
+def dequantized_model(folder: Path) -> GPTNeoXForCausalLM:
+    """The GPTQ artifact as a plain fp32 model: quantized linears dequantized here, everything else as stored."""
+    state = {}
+    with safe_open(folder / "model.safetensors", "pt") as handle:
+        for name in handle.keys():
+            prefix, _, field = name.rpartition(".")
+            if field == "qweight":
+                state[f"{prefix}.weight"] = torch.from_numpy(dequantize(folder, prefix)).t()
+            elif field not in ("qzeros", "scales", "g_idx"):
+                state["lm_head.weight" if name == "embed_out.weight" else name] = handle.get_tensor(name).float()
+    model = GPTNeoXForCausalLM.from_pretrained(model_folder("tiny"), dtype=torch.float32).eval()
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def test_logits_and_greedy_tokens(backends, artifacts):
+    onnx, gptq = backends
+    exact = TorchBackend(dequantized_model(artifacts[True, 32]), onnx.tokenizer, name="dequantized-fp32")
+    prompts = [onnx.tokenizer(render_prompt(q))["input_ids"] for q in QUESTIONS]
+    ids, mask = left_pad(prompts, 0, "cpu")
+    onnx_logits, gptq_logits, exact_logits = (
+        b.forward(ids, positions(mask), mask, b.new_cache(len(prompts)), last_only=False)[0][mask.bool()]
+        for b in (onnx, gptq, exact))
+    assert (onnx_logits - exact_logits).abs().max() < MAX_EXACT_DIFF
+    assert (onnx_logits - gptq_logits).abs().max() < MAX_BACKEND_DIFF
+    tokens = [[r.token_ids for r in generate(b, prompts, STEPS, Sampler(vocab_limit=len(b.tokenizer)), stop_ids=[])]
+              for b in (onnx, gptq)]
+    assert tokens[0] == tokens[1]
+    assert all(len(row) == STEPS for row in tokens[0])
+
+
+def test_heldout_perplexity(backends):
+    text = load_dataset("tiny-heldout").text
+    data = Dataset("tiny-heldout[:quarter]", text=text[: len(text) // 4])
+    method = Method(256, 64)
+    onnx_ppl, gptq_ppl = (perplexity(b, data, method).as_dict()["token_perplexity"] for b in backends)
+    assert abs(onnx_ppl / gptq_ppl - 1) < PPL_RELATIVE
+
+
+def test_refuses_existing_output_before_quantizing(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(QuantkitError, match="exists"):
+        export_onnx_int4("tiny", tmp_path / "out", gptq_options=GptqOptions(method="rtn"))
