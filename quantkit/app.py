@@ -113,13 +113,21 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo(prompt: str) -> int:
-    """`quantkit demo`: the tiny StableLM end to end (train or reuse it, answer one prompt greedily)."""
+def demo(prompt: str, out: str = "out", results: str = "benchmarks/results") -> int:
+    """`quantkit demo`: the tiny StableLM end to end: train or reuse it, answer one prompt through the runner,
+    then run the tiny recipes (GPTQ, RTN, ONNX: export, validate, evaluate, benchmark) and print the table."""
+    from pathlib import Path
+
     from quantkit.cli import build_parser
+    from quantkit.paths import PROJECT_ROOT
+    from quantkit.pipeline import run
 
     args = build_parser().parse_args(["generate", "--model", "tiny", "--prompt", prompt, "--greedy"])
     print(f"user: {prompt}\nassistant: ", end="", flush=True)
     generate_answer(args)
+    recipes = sorted(str(p) for p in (PROJECT_ROOT / "recipes").glob("tiny-*.toml"))
+    paths = run(recipes, Path(out), results=Path(results), table_name="tiny-cpu")
+    print(paths["md"].read_text())
     return 0
 
 
@@ -235,7 +243,8 @@ def run_recipes(args: argparse.Namespace) -> int:
 
     from quantkit.pipeline import run
 
-    paths = run(args.recipes, Path(args.out), force=args.force, results=Path(args.results), table_name=args.name)
+    paths = run(args.recipes, Path(args.out), force=args.force, results=Path(args.results), table_name=args.name,
+                model=args.model)
     print(paths["md"].read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0

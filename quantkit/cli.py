@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="quantkit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="end to end on the built-in tiny StableLM")
+    demo = commands.add_parser("demo", help="end to end on the built-in tiny StableLM: chat, export, eval, bench, table")
     demo.add_argument("--prompt", default="Explain the assert statement.")
+    demo.add_argument("--out", default="out", help="working folder for artifacts (default: %(default)s)")
+    demo.add_argument("--results", default="benchmarks/results", help="where the table goes (default: %(default)s)")
 
     generate = commands.add_parser("generate", help="one chat answer, with timings")
     add_model_args(generate)
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results", default="benchmarks/results", help="where the table goes (default: %(default)s)")
     run.add_argument("--name", help="table name (default: the first recipe's name)")
     run.add_argument("--force", action="store_true", help="re-run every stage")
+    run.add_argument("--model", help="replace the recipes' source (e.g. a local folder instead of the hub id)")
 
     verify = commands.add_parser("verify", help="re-hash an artifact folder against its manifest")
     verify.add_argument("folder")
@@ -168,7 +171,7 @@ def dispatch(args: argparse.Namespace) -> int:
     from quantkit import app
 
     if args.command == "demo":
-        return app.demo(args.prompt)
+        return app.demo(args.prompt, args.out, args.results)
     if args.command == "generate":
         result = app.generate_answer(args)
         print(json.dumps(result, indent=2) if args.json else "")

@@ -1,0 +1,164 @@
+"""`quantkit run RECIPE...`: source -> export (validated) -> evaluate vs the reference -> benchmark -> table.
+
+Each stage records a fingerprint of its inputs (recipe content, source files, tool versions, upstream stage) in
+`<out>/<recipe>/stages.json`. A stage whose fingerprint is unchanged and whose output is complete is skipped, so a
+rerun after an interruption resumes where it stopped and a changed option re-runs only what depends on it.
+Artifacts are written to a temporary folder and renamed into place, so a kill never leaves a half-written one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from quantkit.errors import QuantkitError
+from quantkit.fingerprint import fingerprint, source_fingerprint
+from quantkit.export.artifact import verify, versions
+from quantkit.recipe import Recipe, load_recipe
+from quantkit.report import EvalRequest, evaluate_backend, in_fresh_process, model_size_bytes, write_report
+from quantkit.bench import BenchSettings, benchmark
+
+RESULTS = Path("benchmarks/results")
+Log = Callable[[str], None]
+
+
+class StageBook:
+    """stages.json of one recipe run: which stage ran with which input fingerprint, written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done = json.loads(path.read_text()) if path.is_file() else {}
+
+    def is_current(self, stage: str, inputs: str) -> bool:
+        return self.done.get(stage) == inputs
+
+    def mark(self, stage: str, inputs: str) -> None:
+        self.done[stage] = inputs
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.done, indent=2))
+        os.replace(tmp, self.path)
+
+
+def export_artifact(recipe: Recipe, out: Path) -> None:
+    """The recipe's export into `out` (replacing an older one), the manifest carrying the recipe."""
+    options = {k: v for k, v in recipe.export.items() if k != "format"}
+    extra = {"recipe": recipe.as_dict()}
+    if recipe.export["format"] == "onnx":
+        from quantkit.export.onnx import OnnxOptions, export_onnx
+
+        fields = {f.name for f in dataclasses.fields(OnnxOptions)}
+        export_onnx(recipe.source["model"], out, OnnxOptions(**{k: v for k, v in options.items() if k in fields}),
+                    overwrite=True, manifest_extra=extra)
+    else:
+        from quantkit.export.gptq import GptqOptions, export_gptq
+
+        fields = {f.name for f in dataclasses.fields(GptqOptions)}
+        gptq = GptqOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in fields})
+        if recipe.export["format"] == "gptq":
+            export_gptq(recipe.source["model"], out, gptq, overwrite=True, manifest_extra=extra)
+        else:
+            from quantkit.export.onnx_int4 import export_onnx_int4
+
+            export_onnx_int4(recipe.source["model"], out, overwrite=True, gptq_options=gptq, manifest_extra=extra)
+
+
+def eval_request(recipe: Recipe) -> EvalRequest:
+    e = recipe.eval
+    dtype = None if recipe.source["dtype"] == "auto" else recipe.source["dtype"]
+    return EvalRequest(data=e["data"], reference=recipe.source["model"], window=e["window"] or None,
+                       stride=e["stride"] or None, batch_size=e["batch_size"], kld_tokens=e["kld_tokens"], dtype=dtype)
+
+
+def bench_settings(recipe: Recipe) -> BenchSettings:
+    b = recipe.bench
+    return BenchSettings(prompt_lengths=tuple(b["prompt_lengths"]), decode_batches=tuple(b["batches"]),
+                         decode_tokens=b["decode_tokens"], repeats=b["repeats"])
+
+
+def measure_stage(spec: str, request: EvalRequest, settings: BenchSettings | None) -> dict:
+    """Eval (settings None) or bench of one model, for a fresh process."""
+    from quantkit.backends import open_backend
+
+    backend = open_backend(spec, dtype=request.dtype, device=request.device)
+    if settings is None:
+        reference = backend if spec == request.reference else None
+        return evaluate_backend(backend, request, reference=reference)
+    return {**benchmark(backend, settings), "size_bytes": model_size_bytes(spec, backend)}
+
+
+def cached_stage(book: StageBook, stage: str, inputs: str, output: Path, compute: Callable[[], dict], log: Log) -> dict:
+    if book.is_current(stage, inputs) and output.is_file():
+        log(f"  {stage}: up to date")
+        return json.loads(output.read_text())
+    log(f"  {stage}: running")
+    start = time.perf_counter()
+    result = compute()
+    result["stage_seconds"] = time.perf_counter() - start
+    tmp = output.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, output)
+    book.mark(stage, inputs)
+    log(f"  {stage}: done in {result['stage_seconds']:.1f} s")
+    return result
+
+
+def measure_rows(name: str, spec: str, folder: Path, book: StageBook, upstream: str, request: EvalRequest,
+                 settings: BenchSettings, log: Log) -> dict:
+    """The eval and bench stages of one model; a table row."""
+    ev = cached_stage(book, "eval", fingerprint(upstream, dataclasses.asdict(request)), folder / "eval.json",
+                      lambda: in_fresh_process(measure_stage, spec, request, None), log)
+    bench = cached_stage(book, "bench", fingerprint(upstream, dataclasses.asdict(settings)), folder / "bench.json",
+                         lambda: in_fresh_process(measure_stage, spec, request, settings), log)
+    return {"model": spec, "name": name, "backend": ev["backend"], "size_bytes": bench["size_bytes"],
+            "eval": ev, "bench": bench}
+
+
+def run_recipe(recipe: Recipe, out_root: Path, force: bool, log: Log) -> dict:
+    folder = out_root / recipe.name
+    folder.mkdir(parents=True, exist_ok=True)
+    if force:
+        (folder / "stages.json").unlink(missing_ok=True)
+    book = StageBook(folder / "stages.json")
+    artifact = folder / "artifact"
+    log(f"{recipe.name} ({recipe.export['format']} of {recipe.source['model']})")
+    export_inputs = fingerprint(source_fingerprint(recipe.source["model"]), recipe.export, versions())
+    if book.is_current("export", export_inputs) and artifact.is_dir() and not verify(artifact):
+        log("  export: up to date (manifest verifies)")
+    else:
+        log("  export: running")
+        start = time.perf_counter()
+        export_artifact(recipe, artifact)
+        book.mark("export", export_inputs)
+        log(f"  export: done in {time.perf_counter() - start:.1f} s")
+    return measure_rows(recipe.name, str(artifact), folder, book, export_inputs, eval_request(recipe),
+                        bench_settings(recipe), log)
+
+
+def reference_row(recipe: Recipe, out_root: Path, log: Log) -> dict:
+    """The source model measured once per run (it checks itself: KL 0, top-1 100 %)."""
+    folder = out_root / f"reference-{fingerprint(recipe.source)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"reference ({recipe.source['model']})")
+    return measure_rows("reference", recipe.source["model"], folder, StageBook(folder / "stages.json"),
+                        source_fingerprint(recipe.source["model"]), eval_request(recipe), bench_settings(recipe), log)
+
+
+def run(recipe_paths: list[str], out_root: Path, force: bool = False, results: Path = RESULTS,
+        table_name: str | None = None, model: str | None = None, log: Log = print) -> dict[str, Path]:
+    """Run every recipe (with `model` replacing their source, e.g. a local folder for a hub id), then write one
+    table (reference first) to `results`."""
+    recipes = [load_recipe(path) for path in recipe_paths]
+    if model is not None:
+        recipes = [dataclasses.replace(r, source={**r.source, "model": model}) for r in recipes]
+    shared = {(r.source["model"], r.source["dtype"], json.dumps(r.eval), json.dumps(r.bench)) for r in recipes}
+    if len(shared) > 1:
+        raise QuantkitError("recipes in one run must share source, eval and bench settings (run them separately)")
+    rows = [reference_row(recipes[0], out_root, log)]
+    rows += [run_recipe(recipe, out_root, force, log) for recipe in recipes]
+    from quantkit.machine import machine_info, machine_line
+
+    info = machine_info()
+    return write_report(rows, info, machine_line(info), results, table_name or recipes[0].name)

@@ -1,0 +1,142 @@
+"""Recipes: one TOML file per (model, format), validated against a schema declared as data.
+
+    name = "tiny-gptq-4bit"
+    [source]   model (hub id, local folder or preset), dtype of the reference
+    [export]   format (gptq | onnx | onnx-int4) and that format's options
+    [eval]     data spec, window, stride, kld_tokens
+    [bench]    prompt_lengths, batches, decode_tokens, repeats
+
+An unknown key, a wrong type or an out-of-range value is a one-line error naming the key and the file.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from quantkit.errors import QuantkitError
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe key: its type, default and the values it may take."""
+
+    kind: type | tuple[type, ...]
+    default: Any
+    check: Callable[[Any], bool] = lambda value: True
+    expect: str = ""
+
+
+def one_of(*values: Any) -> Field:
+    return Field(type(values[0]), values[0], lambda v: v in values, f"one of {', '.join(map(str, values))}")
+
+
+def positive(default: int) -> Field:
+    return Field(int, default, lambda v: v > 0, ">= 1")
+
+
+def positive_list(default: list[int]) -> Field:
+    return Field(list, default, lambda v: bool(v) and all(isinstance(x, int) and x > 0 for x in v), "a list of ints >= 1")
+
+
+def strings(default: list[str]) -> Field:
+    return Field(list, default, lambda v: bool(v) and all(isinstance(x, str) for x in v), "a non-empty list of strings")
+
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "source": {
+        "model": Field(str, None, bool, "a hub id, folder or preset"),
+        "dtype": Field(str, "auto", lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
+    },
+    "export": {
+        "format": one_of("gptq", "onnx", "onnx-int4"),
+        # GPTQ (and the GPTQ step of onnx-int4)
+        "method": one_of("gptq", "rtn"),
+        "bits": Field(int, 4, lambda v: v in (2, 3, 4, 8), "2, 3, 4 or 8"),
+        "group_size": Field(int, 128, lambda v: v == -1 or (v >= 16 and v & (v - 1) == 0), "-1 or a power of two >= 16"),
+        "desc_act": Field(bool, False),
+        "sym": Field(bool, True),
+        "true_sequential": Field(bool, True),
+        "damp": Field(float, 0.01, lambda v: 0 < v < 1, "in (0, 1)"),
+        "calib": strings(["wikitext2-valid"]),
+        "calib_samples": positive(128),
+        "calib_seqlen": positive(512),
+        "seed": Field(int, 0, lambda v: v >= 0, ">= 0"),
+        # ONNX
+        "dtype": one_of("fp16", "fp32"),
+        "opset": Field(int, 18, lambda v: 17 <= v <= 23, "17..23"),
+        "validate": Field(bool, True),
+    },
+    "eval": {
+        "data": Field(str, "wikitext2-test", bool, "a dataset spec"),
+        "window": Field(int, 0, lambda v: v >= 0, ">= 0 (0 = model default)"),
+        "stride": Field(int, 0, lambda v: v >= 0, ">= 0 (0 = window / 4)"),
+        "batch_size": positive(4),
+        "kld_tokens": positive(16384),
+    },
+    "bench": {
+        "prompt_lengths": positive_list([128, 512, 2048]),
+        "batches": positive_list([1, 8]),
+        "decode_tokens": positive(64),
+        "repeats": positive(3),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: Path
+    source: dict
+    export: dict
+    eval: dict
+    bench: dict
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "source": self.source, "export": self.export, "eval": self.eval, "bench": self.bench}
+
+
+def check_value(path: Path, key: str, value: Any, spec: Field) -> None:
+    kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+    if spec.kind is float:
+        kinds = (float, int)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise QuantkitError(f"{path}: '{key}' must be {names}, got {type(value).__name__} {value!r}")
+    if not spec.check(value):
+        raise QuantkitError(f"{path}: '{key}' = {value!r} is out of range (expected {spec.expect})")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file, filling defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantkitError(f"recipe not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise QuantkitError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {"name", *SCHEMA})
+    if unknown:
+        raise QuantkitError(f"{path}: unknown key '{unknown[0]}' (known: name, {', '.join(SCHEMA)})")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise QuantkitError(f"{path}: 'name' must be a non-empty string")
+    sections = {}
+    for section, fields in SCHEMA.items():
+        given = data.get(section, {})
+        if not isinstance(given, dict):
+            raise QuantkitError(f"{path}: '{section}' must be a table")
+        for key in given:
+            if key not in fields:
+                raise QuantkitError(f"{path}: unknown key '{section}.{key}' (known: {', '.join(fields)})")
+        values = {}
+        for key, spec in fields.items():
+            if key not in given and spec.default is None:
+                raise QuantkitError(f"{path}: missing required key '{section}.{key}'")
+            value = given.get(key, spec.default)
+            check_value(path, f"{section}.{key}", value, spec)
+            values[key] = float(value) if spec.kind is float else value
+        sections[section] = values
+    return Recipe(name=name, path=path, **sections)
