@@ -155,7 +155,7 @@ def test_loads_from_another_folder_and_working_directory(tiny_fp32, tmp_path, mo
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    backend = open_backend(str(moved))
+    backend = open_backend("../moved")
     assert isinstance(backend, OnnxBackend) and backend.device == "cpu"
     assert [i.name for i in backend.session.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]
     prompts = encode(backend.tokenizer, QUESTIONS[:1])
@@ -186,13 +186,12 @@ def test_stablelm_3b_shape_exports_validates_and_runs(exports):
     folder = export_onnx("stablelm-3b:layers=2", exports / "3b-2layers", OnnxOptions(dtype="fp32", device="cpu"))
     validation = json.loads((folder / "quantkit.json").read_text())["validation"]
     assert validation["passed"] and validation["max_abs_diff"] <= 1e-4
-    assert all(c["greedy_equal_steps"] + c["near_ties"] >= c["steps"] == STEPS + 1 for c in validation["cases"])
+    assert all(c["finite"] and c["greedy_equal_steps"] + c["near_ties"] >= c["steps"] == STEPS + 1
+               for c in validation["cases"])
     config = json.loads((folder / "config.json").read_text())
     assert (config["num_attention_heads"], config["rotary_pct"], config["vocab_size"]) == (32, 0.25, 50688)
     backend = OnnxBackend(folder, device="cpu")
     assert backend.vocab_rows == 50688 and (backend.heads, backend.head_dim, backend.layers) == (32, 128, 2)
-    logits, _ = backend.forward(*prefill_inputs(backend, encode(backend.tokenizer, QUESTIONS[:2])), last_only=False)
-    assert logits.shape[-1] == 50688 and torch.isfinite(logits).all()
     assert len(greedy(backend, encode(backend.tokenizer, QUESTIONS[:1]), 4)[0]) == 4
 
 

@@ -13,7 +13,6 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 

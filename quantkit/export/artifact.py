@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +33,7 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield staging
+        publish_permissions(staging)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(trash / out.name)
@@ -41,6 +43,14 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
             staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_permissions(folder: Path) -> None:
+    """Give the artifact the umask's usual modes: mkdtemp makes the folder 0700 and some writers make 0600 files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def ensure_free_space(folder: Path, needed_bytes: int) -> None:

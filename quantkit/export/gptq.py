@@ -1,6 +1,6 @@
 """GPTQ (or round-to-nearest) 4-bit export with gptqmodel, written as a portable classic GPTQ checkpoint.
 
-gptqmodel quantizes the fp16 model layer by layer (offloading finished layers to disk). Its output is rewritten
+gptqmodel quantizes the model layer by layer (offloading finished layers to disk). Its output is rewritten
 into the layout every GPTQ loader reads (auto-gptq / transformers + optimum / vLLM / TGI): `checkpoint_format`
 gptq (v1 zero points), the source checkpoint's tensor names (head `embed_out.weight`), fp16 for everything not
 quantized, quantization settings at the top level of `quantization_config`, and the source's tokenizer files
@@ -23,9 +23,21 @@ from typing import Iterator
 import torch
 from transformers import AutoConfig, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerBase
 
+from quantkit.agreement import Agreement
 from quantkit.attention import ATTN_IMPLEMENTATION
-from quantkit.calib import DEFAULT_CALIB, CalibSource, calibration_samples, default_calib, load_calibration, parse_calib_spec
+from quantkit.backends import open_backend
+from quantkit.backends.gptq import open_gptq
+from quantkit.calib import (
+    DEFAULT_CALIB,
+    CalibSource,
+    calibration_samples,
+    default_calib,
+    load_calibration,
+    parse_calib_spec,
+)
+from quantkit.data import Dataset, load_dataset
 from quantkit.errors import QuantkitError
+from quantkit.evaluate import perplexity
 from quantkit.export.artifact import (
     copy_tokenizer_files,
     ensure_free_space,
@@ -35,7 +47,8 @@ from quantkit.export.artifact import (
     write_generation_config,
     write_manifest,
 )
-from quantkit.paths import cache_dir
+from quantkit.paths import cache_dir, data_dir
+from quantkit.report import method_for
 from quantkit.sources import TINY_PRESETS, default_device, load_model, load_tokenizer, model_folder, parse_spec
 
 METHODS = ("gptq", "rtn")
@@ -43,7 +56,7 @@ BITS = (2, 3, 4, 8)
 QUANTIZE_BATCH = 16  # rows per calibration forward: same bytes as smaller batches, fewer slow hooked passes
 MAX_SHARD_SIZE = "4GB"
 BLOCK_PACK_MIN_PARAMS = 10**9  # below this, packing is seconds and not worth gptqmodel's 2-minute g++ build
-QUALITY_CHARS = 4000  # the held-out slice measured at export: ~1000 tokens, a minute for 3B on two CPU cores
+QUALITY_CHARS = 4000  # held-out slice measured at export: ~1000 tokens (3.5 min at 3B width, 2 layers, 2 CPU cores)
 WORK = "work"  # scratch folder inside the staging folder, removed before the rename
 LICENSE = "cc-by-nc-sa-4.0"
 
@@ -244,24 +257,16 @@ def write_model_files(saved: Path, source: str, config: GPTNeoXConfig, tokenizer
     return qconfig
 
 
-def quality_dataset(model: str):
+def quality_dataset(model: str) -> Dataset:
     """A held-out text slice: the tiny model's held-out text for the tiny presets, else WikiText-2 test
     (the tiny held-out text where the shared data is absent)."""
-    from quantkit.data import Dataset, load_dataset
-    from quantkit.paths import data_dir
-
-    name = "wikitext2-test" if parse_spec(model).preset not in TINY_PRESETS and data_dir(required=False) else "tiny-heldout"
+    tiny = parse_spec(model).preset in TINY_PRESETS
+    name = "wikitext2-test" if not tiny and data_dir(required=False) else "tiny-heldout"
     return Dataset(f"{name}[:{QUALITY_CHARS} chars]", text=load_dataset(name).text[:QUALITY_CHARS])
 
 
 def measure_quality(model: str, source: Path, artifact: Path, device: str) -> dict:
     """Perplexity of the source and the artifact on a held-out slice, and their top-1 agreement and KL."""
-    from quantkit.agreement import Agreement
-    from quantkit.backends import open_backend
-    from quantkit.backends.gptq import open_gptq
-    from quantkit.evaluate import perplexity
-    from quantkit.report import method_for
-
     dataset = quality_dataset(model)
     reference = open_backend(str(source), device=device)
     method = method_for(reference, None, None, batch_size=4)
@@ -297,9 +302,9 @@ def model_card(model: str, options: GptqOptions, calibration: dict | None, quali
     method = "GPTQ" if options.method == "gptq" else "round-to-nearest (RTN)"
     group = "per column" if options.group_size == -1 else f"group size {options.group_size}"
     calib_line = (
-        f"{calibration['samples']} samples, {calibration['tokens']} tokens (up to {calibration['seqlen']} per sample) "
-        f"from {', '.join(f'`{d}`' for d in calibration['datasets'])}, drawn with seed {calibration['seed']}; "
-        "dialogues rendered in the StableLM-Tuned-Alpha prompt format"
+        f"{calibration['samples']} samples, {calibration['tokens']} tokens (up to {calibration['seqlen']} each) "
+        f"from {', '.join(f'`{d}`' for d in calibration['datasets'])}, drawn with seed {calibration['seed']} "
+        "(text cut into windows, dialogues rendered in the StableLM-Tuned-Alpha prompt format)"
         if options.method == "gptq" else "none (round-to-nearest needs no data)"
     )
     src, quant = quality["source"], quality["quantized"]
@@ -332,7 +337,8 @@ Classic GPTQ checkpoint (`checkpoint_format: gptq`, v1 zero points, int32-packed
 Calibration: {calib_line}.
 
 ## Measured at export
-Token perplexity on `{quality['data']}` ({quality['tokens']} tokens, window {quality['window']}, stride {quality['stride']}):
+Token perplexity on `{quality['data']}` ({quality['tokens']} tokens, window {quality['window']}, \
+stride {quality['stride']}):
 
 | model | backend | perplexity |
 |---|---|---|
@@ -357,7 +363,9 @@ def export_gptq(model: str, out: Path, options: GptqOptions, *, overwrite: bool 
     out = Path(out)
     device = options.device or default_device()
     calib = default_calib(model, options.calib) if options.method == "gptq" else ()
-    sources: list[CalibSource] = load_calibration(calib, options.calib_samples, options.allow_eval_split) if calib else []
+    sources: list[CalibSource] = (
+        load_calibration(calib, options.calib_samples, options.allow_eval_split) if calib else []
+    )
     timings: dict[str, float] = {}
     start = time.perf_counter()
     try:

@@ -406,6 +406,7 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 inputs = tokenizer("<|SYSTEM|>You are helpful.<|USER|>Hi!<|ASSISTANT|>", return_tensors="pt").to("cuda")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))
 ```
+The graph uses the input and output names ORTModelForCausalLM expects (quantkit's own tests do not run optimum).
 Or with quantkit: `quantkit generate --model path/to/this/folder --prompt "Hi!"`.
 
 ONNX Runtime's CPU provider has no fp16 kernels for most ops: it keeps fp32 copies of the weights (about 2x the

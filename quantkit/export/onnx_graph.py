@@ -23,8 +23,7 @@ from torch import nn
 from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 
-import quantkit.attention  # noqa: F401  (registers the "fp32" attention and mask functions)
-from quantkit.attention import ATTN_IMPLEMENTATION
+from quantkit.attention import ATTN_IMPLEMENTATION  # importing it registers the "fp32" attention and mask
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = MODEL_FILE + ".data"
