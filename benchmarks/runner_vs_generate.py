@@ -78,7 +78,7 @@ def write_tables(rows: list[dict], info: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
     lines = [
-        f"# Runner vs transformers generate (decode, fp32, greedy)\n",
+        "# Runner vs transformers generate (decode, fp32, greedy)\n",
         f"Machine: {machine_line(info)}\n",
         "| model | params (M) | batch | runner tok/s | generate tok/s | runner / generate |",
         "|---|---:|---:|---:|---:|---:|",

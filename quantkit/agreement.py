@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,9 +42,10 @@ def reference_key(reference_id: str, dataset: Dataset, method: Method, max_token
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def reference_rows(reference: Backend, reference_id: str, dataset: Dataset, method: Method,
+def reference_rows(open_reference: Callable[[], Backend], reference_id: str, dataset: Dataset, method: Method,
                    max_tokens: int) -> ReferenceRows:
-    """Score the reference once and cache its first `max_tokens` log-prob rows (atomic write)."""
+    """Score the reference once and cache its first `max_tokens` log-prob rows (atomic write). The reference is
+    opened only on a cache miss, so a cached one costs no memory."""
     folder = cache_dir() / "reference" / reference_key(reference_id, dataset, method, max_tokens)
     rows_path, info_path = folder / "logprobs.npy", folder / "perplexity.json"
     if info_path.is_file():
@@ -59,7 +61,7 @@ def reference_rows(reference: Backend, reference_id: str, dataset: Dataset, meth
             chunks.append(chunk)
             kept += len(chunk)
 
-    result = perplexity(reference, dataset, method, on_batch=keep)
+    result = perplexity(open_reference(), dataset, method, on_batch=keep)
     tmp = folder / f"logprobs.{os.getpid()}.tmp.npy"
     np.save(tmp, np.concatenate(chunks))
     os.replace(tmp, rows_path)

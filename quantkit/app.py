@@ -220,9 +220,10 @@ def export(args: argparse.Namespace) -> int:
 
         export_gptq(args.model, out, gptq_options(args), overwrite=args.overwrite)
     else:
-        from quantkit.export.onnx_int4 import export_onnx_int4
+        from quantkit.export.onnx_int4 import Int4Options, export_onnx_int4
 
-        export_onnx_int4(args.model, out, overwrite=args.overwrite, gptq_options=gptq_options(args))
+        options = Int4Options(dtype=args.dtype, accuracy_level=args.accuracy_level)
+        export_onnx_int4(args.model, out, options, overwrite=args.overwrite, gptq_options=gptq_options(args))
     print(f"wrote {out}")
     return 0
 
@@ -244,19 +245,22 @@ def run_recipes(args: argparse.Namespace) -> int:
     from quantkit.pipeline import run
 
     paths = run(args.recipes, Path(args.out), force=args.force, results=Path(args.results), table_name=args.name,
-                model=args.model)
+                model=args.model, overrides=args.set)
     print(paths["md"].read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
 
 
 def verify(folder: str) -> int:
-    """`quantkit verify`: exit 1 and list the problems when a file no longer matches the manifest."""
+    """`quantkit verify`: exit 1 and list the problems when a file no longer matches the manifest or the folder
+    misses something a downstream loader expects."""
     from pathlib import Path
 
-    from quantkit.export.artifact import verify as verify_folder
+    from quantkit.downstream import check_serving_contract
+    from quantkit.export.artifact import read_manifest, verify as verify_folder
 
     problems = verify_folder(Path(folder))
+    problems += check_serving_contract(Path(folder), read_manifest(Path(folder))["format"])
     for problem in problems:
         print(problem)
     print(f"{folder}: {'FAILED' if problems else 'OK'} ({len(problems)} problem(s))", file=sys.stderr)

@@ -110,8 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     gptq.add_argument("--calib-seqlen", type=positive_int, default=512)
     gptq.add_argument("--seed", type=int, default=0)
     gptq.add_argument("--force-calib-split", action="store_true", help="allow calibrating on a test/eval split")
-    onnx = export.add_argument_group("onnx")
-    onnx.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
+    onnx = export.add_argument_group("onnx / onnx-int4")
+    onnx.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
+                      help="graph dtype: fp16 for CUDA, fp32 for ONNX Runtime's CPU provider (default: %(default)s)")
+    onnx.add_argument("--accuracy-level", type=int, choices=range(5), default=0,
+                      help="onnx-int4: MatMulNBits compute type, 4 = int8 activations (default: %(default)s)")
     onnx.add_argument("--opset", type=int, default=18)
     onnx.add_argument("--no-validate", dest="validate", action="store_false", help="skip ORT-vs-PyTorch validation")
 
@@ -122,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="table name (default: the first recipe's name)")
     run.add_argument("--force", action="store_true", help="re-run every stage")
     run.add_argument("--model", help="replace the recipes' source (e.g. a local folder instead of the hub id)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a recipe value, checked like the file's own (repeatable), e.g. "
+                          "--set 'eval.data=wikitext2-test[:20000]' --set 'bench.batches=[1]'")
 
     verify = commands.add_parser("verify", help="re-hash an artifact folder against its manifest")
     verify.add_argument("folder")

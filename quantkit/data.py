@@ -9,6 +9,8 @@ Specs:
                                     Alpaca instruction/input/output, Dolly instruction/context/response,
                                     ShareGPT `conversations`, or prompt/completion
   hub:NAME[:SPLIT]                  a hub dataset of one of those record shapes (needs internet)
+  SPEC[:N]                          the first N characters of a text, or the first N dialogues (quick runs on
+                                    large models, e.g. wikitext2-test[:20000])
 Plain text is one string; dialogues are lists of (role, text) turns with role "user" or "assistant".
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ TINY_TEXT = {"tiny-train": "train.txt", "tiny-heldout": "heldout.txt"}
 KNOWN_SPECS = (*SHARED_TEXT, *SHARED_RECORDS, *TINY_TEXT)
 TEXT_SUFFIXES = (".txt", ".raw")
 RECORD_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".json.gz")
+HEAD = re.compile(r"^(?P<spec>.+)\[:(?P<count>\d+)\]$")
 EVALUATION_SPLIT = re.compile(r"(^|[^a-z])(test|eval)([^a-z]|$)", re.IGNORECASE)
 
 
@@ -58,6 +61,13 @@ def is_evaluation_split(spec: str) -> bool:
 def load_dataset(spec: str) -> Dataset:
     """Load a spec (see module docstring); unknown specs and empty data are one-line errors. Cached: treat the
     result as read-only."""
+    if head := HEAD.match(spec):
+        whole, count = load_dataset(head["spec"]), int(head["count"])
+        if count == 0:
+            raise QuantkitError(f"dataset '{spec}': the head must be at least 1")
+        if whole.text is not None:
+            return Dataset(spec, text=whole.text[:count])
+        return Dataset(spec, dialogues=whole.dialogues[:count])
     if spec in SHARED_TEXT:
         return Dataset(spec, text=read_text(data_dir() / SHARED_TEXT[spec]))
     if spec in SHARED_RECORDS:

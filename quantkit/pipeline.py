@@ -4,6 +4,8 @@ Each stage records a fingerprint of its inputs (recipe content, source files, to
 `<out>/<recipe>/stages.json`. A stage whose fingerprint is unchanged and whose output is complete is skipped, so a
 rerun after an interruption resumes where it stopped and a changed option re-runs only what depends on it.
 Artifacts are written to a temporary folder and renamed into place, so a kill never leaves a half-written one.
+Every stage runs in its own process (killed with the run), which also makes its peak RSS its own: each stage's
+seconds and peak memory go into the table's JSON (`stages` of each row).
 """
 from __future__ import annotations
 
@@ -12,13 +14,13 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from quantkit.errors import QuantkitError
 from quantkit.fingerprint import fingerprint, source_fingerprint
 from quantkit.export.artifact import verify, versions
 from quantkit.recipe import Recipe, load_recipe
-from quantkit.report import EvalRequest, evaluate_backend, in_fresh_process, model_size_bytes, write_report
+from quantkit.report import EvalRequest, evaluate_backend, model_size_bytes, run_isolated, write_report
 from quantkit.bench import BenchSettings, benchmark
 
 RESULTS = Path("benchmarks/results")
@@ -60,9 +62,10 @@ def export_artifact(recipe: Recipe, out: Path) -> None:
         if recipe.export["format"] == "gptq":
             export_gptq(recipe.source["model"], out, gptq, overwrite=True, manifest_extra=extra)
         else:
-            from quantkit.export.onnx_int4 import export_onnx_int4
+            from quantkit.export.onnx_int4 import Int4Options, export_onnx_int4
 
-            export_onnx_int4(recipe.source["model"], out, overwrite=True, gptq_options=gptq, manifest_extra=extra)
+            int4 = Int4Options(dtype=options["dtype"], accuracy_level=options["accuracy_level"])
+            export_onnx_int4(recipe.source["model"], out, int4, overwrite=True, gptq_options=gptq, manifest_extra=extra)
 
 
 def eval_request(recipe: Recipe) -> EvalRequest:
@@ -89,31 +92,47 @@ def measure_stage(spec: str, request: EvalRequest, settings: BenchSettings | Non
     return {**benchmark(backend, settings), "size_bytes": model_size_bytes(spec, backend)}
 
 
-def cached_stage(book: StageBook, stage: str, inputs: str, output: Path, compute: Callable[[], dict], log: Log) -> dict:
+def timed_stage(function, *args) -> tuple[dict, dict]:
+    """`function(*args)` in its own process: (its result, {seconds, peak_rss_bytes})."""
+    start = time.perf_counter()
+    result, peak = run_isolated(function, *args)
+    return result, {"seconds": round(time.perf_counter() - start, 2), "peak_rss_bytes": peak}
+
+
+def stage_line(stage: str, figures: dict) -> str:
+    return f"  {stage}: done in {figures['seconds']:.1f} s, peak RSS {figures['peak_rss_bytes'] / 2**30:.2f} GiB"
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def cached_stage(book: StageBook, stage: str, inputs: str, output: Path, function, args: tuple, log: Log) -> dict:
+    """The stage's recorded result when its inputs are unchanged, else a fresh run of `function(*args)`."""
     if book.is_current(stage, inputs) and output.is_file():
         log(f"  {stage}: up to date")
         return json.loads(output.read_text())
     log(f"  {stage}: running")
-    start = time.perf_counter()
-    result = compute()
-    result["stage_seconds"] = time.perf_counter() - start
-    tmp = output.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, output)
+    result, figures = timed_stage(function, *args)
+    result["stage"] = figures
+    write_json(output, result)
     book.mark(stage, inputs)
-    log(f"  {stage}: done in {result['stage_seconds']:.1f} s")
+    log(stage_line(stage, figures))
     return result
 
 
 def measure_rows(name: str, spec: str, folder: Path, book: StageBook, upstream: str, request: EvalRequest,
-                 settings: BenchSettings, log: Log) -> dict:
-    """The eval and bench stages of one model; a table row."""
+                 settings: BenchSettings, log: Log, stages: dict | None = None) -> dict:
+    """The eval and bench stages of one model; a table row (with `stages`: each stage's seconds and peak RSS)."""
     ev = cached_stage(book, "eval", fingerprint(upstream, dataclasses.asdict(request)), folder / "eval.json",
-                      lambda: in_fresh_process(measure_stage, spec, request, None), log)
+                      measure_stage, (spec, request, None), log)
     bench = cached_stage(book, "bench", fingerprint(upstream, dataclasses.asdict(settings)), folder / "bench.json",
-                         lambda: in_fresh_process(measure_stage, spec, request, settings), log)
+                         measure_stage, (spec, request, settings), log)
+    stages = {**(stages or {}), "eval": ev.pop("stage", None), "bench": bench.pop("stage", None)}
     return {"model": spec, "name": name, "backend": ev["backend"], "size_bytes": bench["size_bytes"],
-            "eval": ev, "bench": bench}
+            "eval": ev, "bench": bench, "stages": stages}
 
 
 def run_recipe(recipe: Recipe, out_root: Path, force: bool, log: Log) -> dict:
@@ -125,16 +144,17 @@ def run_recipe(recipe: Recipe, out_root: Path, force: bool, log: Log) -> dict:
     artifact = folder / "artifact"
     log(f"{recipe.name} ({recipe.export['format']} of {recipe.source['model']})")
     export_inputs = fingerprint(source_fingerprint(recipe.source["model"]), recipe.export, versions())
-    if book.is_current("export", export_inputs) and artifact.is_dir() and not verify(artifact):
+    record = folder / "export.json"
+    if book.is_current("export", export_inputs) and artifact.is_dir() and not verify(artifact) and record.is_file():
         log("  export: up to date (manifest verifies)")
     else:
         log("  export: running")
-        start = time.perf_counter()
-        export_artifact(recipe, artifact)
+        _, figures = timed_stage(export_artifact, recipe, artifact)
+        write_json(record, figures)
         book.mark("export", export_inputs)
-        log(f"  export: done in {time.perf_counter() - start:.1f} s")
+        log(stage_line("export", figures))
     return measure_rows(recipe.name, str(artifact), folder, book, export_inputs, eval_request(recipe),
-                        bench_settings(recipe), log)
+                        bench_settings(recipe), log, stages={"export": json.loads(record.read_text())})
 
 
 def reference_row(recipe: Recipe, out_root: Path, log: Log) -> dict:
@@ -147,10 +167,11 @@ def reference_row(recipe: Recipe, out_root: Path, log: Log) -> dict:
 
 
 def run(recipe_paths: list[str], out_root: Path, force: bool = False, results: Path = RESULTS,
-        table_name: str | None = None, model: str | None = None, log: Log = print) -> dict[str, Path]:
-    """Run every recipe (with `model` replacing their source, e.g. a local folder for a hub id), then write one
-    table (reference first) to `results`."""
-    recipes = [load_recipe(path) for path in recipe_paths]
+        table_name: str | None = None, model: str | None = None, overrides: Sequence[str] = (),
+        log: Log = print) -> dict[str, Path]:
+    """Run every recipe (with `model` replacing their source, e.g. a local folder for a hub id, and `overrides`
+    applied), then write one table (reference first) to `results`."""
+    recipes = [load_recipe(path, overrides) for path in recipe_paths]
     if model is not None:
         recipes = [dataclasses.replace(r, source={**r.source, "model": model}) for r in recipes]
     shared = {(r.source["model"], r.source["dtype"], json.dumps(r.eval), json.dumps(r.bench)) for r in recipes}

@@ -7,13 +7,14 @@
     [bench]    prompt_lengths, batches, decode_tokens, repeats
 
 An unknown key, a wrong type or an out-of-range value is a one-line error naming the key and the file.
+`--set SECTION.KEY=VALUE` overrides (a TOML value; bare words are strings) pass through the same checks.
 """
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from quantkit.errors import QuantkitError
 
@@ -67,6 +68,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "dtype": one_of("fp16", "fp32"),
         "opset": Field(int, 18, lambda v: 17 <= v <= 23, "17..23"),
         "validate": Field(bool, True),
+        "accuracy_level": Field(int, 0, lambda v: 0 <= v <= 4, "0..4 (onnx-int4: MatMulNBits compute type)"),
     },
     "eval": {
         "data": Field(str, "wikitext2-test", bool, "a dataset spec"),
@@ -108,8 +110,31 @@ def check_value(path: Path, key: str, value: Any, spec: Field) -> None:
         raise QuantkitError(f"{path}: '{key}' = {value!r} is out of range (expected {spec.expect})")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe file, filling defaults."""
+def parse_value(raw: str) -> Any:
+    """A TOML value (4, true, [1, 8], "x"); anything that does not parse as one is taken as a string."""
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """The recipe's tables with each SECTION.KEY=VALUE override set (checked later, like the file's own keys)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        section, dot, field = key.strip().partition(".")
+        if not sep or not dot or not section or not field:
+            raise QuantkitError(f"--set {override!r}: expected SECTION.KEY=VALUE, e.g. eval.data=wikitext2-valid")
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise QuantkitError(f"--set {override!r}: '{section}' is not a table")
+        table[field] = parse_value(raw.strip())
+    return data
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Parse and validate a recipe file with `overrides` applied, filling defaults."""
     path = Path(path)
     if not path.is_file():
         raise QuantkitError(f"recipe not found: {path}")
@@ -117,6 +142,7 @@ def load_recipe(path: str | Path) -> Recipe:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise QuantkitError(f"{path}: not valid TOML: {exc}") from None
+    data = apply_overrides(data, overrides)
     unknown = sorted(set(data) - {"name", *SCHEMA})
     if unknown:
         raise QuantkitError(f"{path}: unknown key '{unknown[0]}' (known: name, {', '.join(SCHEMA)})")

@@ -6,7 +6,11 @@ The machine heads every table.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import resource
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +21,16 @@ from quantkit.data import load_dataset
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import Method, perplexity
 from quantkit.fingerprint import source_fingerprint
+from quantkit.sources import default_device
 
 DEFAULT_WINDOW = 2048
 KLD_TOKENS = 16384
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def source_id(spec: str, backend: Backend) -> str:
-    """A cache identity for a model as a given backend runs it."""
-    return f"{spec}|{backend.name}|{source_fingerprint(spec)}"
+def source_id(spec: str, request: "EvalRequest") -> str:
+    """A cache identity for a model as `open_backend(spec, request.dtype, request.device)` runs it."""
+    return f"{spec}|{request.dtype or 'auto'}|{request.device or default_device()}|{source_fingerprint(spec)}"
 
 
 def method_for(backend: Backend, window: int | None, stride: int | None, batch_size: int) -> Method:
@@ -55,8 +61,10 @@ def evaluate_backend(backend: Backend, request: EvalRequest, reference: Backend 
     if request.reference is None:
         record["perplexity"] = perplexity(backend, dataset, method).as_dict()
         return record
-    reference = reference or open_backend(request.reference, dtype=request.dtype, device=request.device)
-    rows = reference_rows(reference, source_id(request.reference, reference), dataset, method, request.kld_tokens)
+    def open_reference() -> Backend:  # only when its rows are not cached yet
+        return reference or open_backend(request.reference, dtype=request.dtype, device=request.device)
+
+    rows = reference_rows(open_reference, source_id(request.reference, request), dataset, method, request.kld_tokens)
     result, agreement = compare(backend, rows, dataset, method)
     record.update(perplexity=result.as_dict(), reference_perplexity=rows.perplexity, agreement=agreement)
     return record
@@ -77,12 +85,39 @@ def measure_model(spec: str, request: EvalRequest, settings: BenchSettings) -> d
     return row
 
 
-def in_fresh_process(function, *args):
-    """`function(*args)` in a spawned process, so its peak memory and allocator state are its own."""
-    import multiprocessing
+def die_with_parent() -> None:
+    """Pool initializer: on Linux, the worker is killed when its parent dies (a SIGKILLed `quantkit run` must not
+    leave an export finishing, and publishing, behind its back)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+
+def call_measured(function, args: tuple) -> tuple:
+    """In the worker: the result and the worker's peak RSS in bytes."""
+    result = function(*args)
+    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_isolated(function, *args) -> tuple:
+    """`function(*args)` in a spawned process, so its peak memory and allocator state are its own; returns
+    (result, that process's peak RSS in bytes). A process that dies (the kernel's OOM killer, a crash) is a
+    one-line error, not a hang."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=die_with_parent) as pool:
+        try:
+            return pool.submit(call_measured, function, args).result()
+        except BrokenProcessPool:
+            raise QuantkitError(f"the process running {function.__name__} died (killed for lack of memory? "
+                                "see `dmesg`)") from None
+
+
+def in_fresh_process(function, *args):
+    """`function(*args)` in a spawned process (see run_isolated)."""
+    return run_isolated(function, *args)[0]
 
 
 def measure_models(specs: list[str], request: EvalRequest, settings: BenchSettings) -> list[dict]:
@@ -122,7 +157,23 @@ def markdown(rows: list[dict], machine_line: str, title: str, eval_line: str) ->
     lines = [f"# {title}", "", f"Machine: {machine_line}", "", eval_line, "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.values()) + " |" for cell in cells]
+    lines += stage_lines(rows)
     return "\n".join(lines) + "\n"
+
+
+def stage_lines(rows: list[dict]) -> list[str]:
+    """The cost of each pipeline stage (rows from `quantkit run`), each measured in its own process."""
+    staged = [row for row in rows if row.get("stages")]
+    if not staged:
+        return []
+    lines = ["", "Stage cost (each stage in its own process; \"cached\" = skipped, figures from its first run):", "",
+             "| model | stage | seconds | peak RSS |", "|---|---|---:|---:|"]
+    for row in staged:
+        for stage, figures in row["stages"].items():
+            if figures:
+                lines.append(f"| {row.get('name') or row['model']} | {stage} | {figures['seconds']:.1f} | "
+                             f"{figures['peak_rss_bytes'] / 2**30:.2f} GiB |")
+    return lines
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -102,6 +102,20 @@ def model_folder(spec: str) -> Path | None:
     return None
 
 
+def load_model_config(spec: str) -> GPTNeoXConfig:
+    """The config of a local spec (preset or folder), with `:layers=N` applied; no weights are read."""
+    parsed = parse_spec(spec)
+    if parsed.preset in RANDOM_PRESETS:
+        return RANDOM_PRESETS[parsed.preset].config(parsed.layers)
+    folder = model_folder(spec)
+    if folder is None:
+        raise QuantkitError(f"'{spec}' is not a local model: download it first or pass its folder")
+    config = GPTNeoXConfig.from_pretrained(folder)
+    if parsed.layers:
+        config.num_hidden_layers = min(parsed.layers, config.num_hidden_layers)
+    return config
+
+
 def check_folder(folder: Path) -> dict:
     """Validate a local checkpoint folder and return its config; one clear error per problem."""
     if not folder.is_dir():

@@ -7,6 +7,7 @@ import torch
 from quantkit.backends.pytorch import TorchBackend
 from quantkit.paths import data_dir
 from quantkit.sources import STABLELM_TOKENIZER, load_model, load_tokenizer
+from quantkit.tiny import tiny_folder
 
 torch.set_num_threads(2)
 
@@ -35,3 +36,14 @@ def neox3b_2layer_backend() -> TorchBackend:
     """The real 3B width, heads, rotary_pct and 50688 vocab rows, random weights, 2 layers."""
     model, tokenizer = load_model("stablelm-3b:layers=2", dtype=torch.float32, device="cpu")
     return TorchBackend(model, tokenizer, name="torch-fp32")
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch, tiny_backend):
+    """An empty cache (reference log-probs, kernels) that still holds the trained tiny model, as a link: training it
+    again would cost ~100 s."""
+    tiny = tiny_folder("own")
+    fresh = tmp_path / "cache"
+    fresh.mkdir()
+    (fresh / tiny.name).symlink_to(tiny)
+    monkeypatch.setenv("QUANTKIT_CACHE", str(fresh))

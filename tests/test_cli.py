@@ -75,3 +75,14 @@ def test_console_exit_code_for_bad_model(tmp_path):
                            "--prompt", "hi"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: model folder not found: {tmp_path / 'nope'}"]
+
+
+def test_model_config_without_weights():
+    from quantkit.sources import load_model_config
+
+    config = load_model_config("stablelm-3b:layers=2")
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size) == (
+        4096, 2, 32, 50688)
+    assert load_model_config("tiny:layers=1").num_hidden_layers == 1
+    assert load_model_config("tiny").num_hidden_layers == json.loads(
+        (model_folder("tiny") / "config.json").read_text())["num_hidden_layers"]

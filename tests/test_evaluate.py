@@ -14,14 +14,11 @@ from quantkit.chat import render_dialogue
 from quantkit.cli import main
 from quantkit.data import Dataset, load_dataset
 from quantkit.evaluate import Method, perplexity, text_segments
+from quantkit import report
+from quantkit.report import EvalRequest, evaluate_backend
 
 TEXT = ("The assert statement is a convenient way to insert debugging assertions into a program. "
         "The simple form evaluates the expression and raises AssertionError when it is false. ") * 6
-
-
-@pytest.fixture
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("length, window, stride", [(10, 4, 1), (10, 4, 3), (37, 8, 3), (5, 16, 4), (100, 32, 31)])
@@ -65,7 +62,7 @@ def test_perplexity_equals_direct_computation(tiny_backend, window, stride):
 
 def test_model_against_itself_and_against_a_perturbed_copy(tiny_backend, isolated_cache):
     dataset, method = Dataset("t", text=TEXT), Method(64, 32, batch_size=2)
-    rows = reference_rows(tiny_backend, "tiny|self", dataset, method, max_tokens=10_000)
+    rows = reference_rows(lambda: tiny_backend, "tiny|self", dataset, method, max_tokens=10_000)
     _, same = compare(tiny_backend, rows, dataset, method)
     assert same["kl_mean"] == 0.0 and same["kl_max"] == 0.0
     assert same["top1_agreement"] == 1.0 and same["perplexity_ratio"] == 1.0
@@ -79,6 +76,16 @@ def test_model_against_itself_and_against_a_perturbed_copy(tiny_backend, isolate
     _, other = compare(TorchBackend(perturbed, tiny_backend.tokenizer, "perturbed"), rows, dataset, method)
     assert other["kl_mean"] > 1e-3 and other["top1_agreement"] < 1.0
     assert other["delta_p_rms"] > 0
+
+
+def test_a_cached_reference_is_not_opened_again(tiny_backend, isolated_cache, monkeypatch):
+    """Its rows are on disk: opening it again would hold a second model in memory for nothing (a 3B on CPU)."""
+    request = EvalRequest(data="tiny-heldout[:3000]", reference="tiny", window=128, stride=64, kld_tokens=500,
+                          dtype="fp32", device="cpu")
+    first = evaluate_backend(tiny_backend, request)
+    monkeypatch.setattr(report, "open_backend", lambda *args, **kwargs: pytest.fail("the reference was opened"))
+    second = evaluate_backend(tiny_backend, request)
+    assert second == first and first["agreement"]["kl_tokens"] == 500
 
 
 def test_chat_perplexity_scores_only_assistant_tokens(tiny_backend):
@@ -100,6 +107,11 @@ def test_shared_hh_dialogues_load_as_turns(shared_data):
     assert dialogues[0][0][1].startswith("Do you know why turkeys")
 
 
+def test_head_of_a_dataset(shared_data):
+    assert load_dataset("tiny-heldout[:500]").text == load_dataset("tiny-heldout").text[:500]
+    assert load_dataset("hh-helpful-test[:3]").dialogues == load_dataset("hh-helpful-test").dialogues[:3]
+
+
 def run_cli(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()
@@ -109,7 +121,7 @@ def run_cli(capsys, *argv):
 def test_report_one_row_per_model_every_column_filled(capsys, tmp_path, isolated_cache):
     code, out, err = run_cli(
         capsys, "report", "--models", "tiny", "tiny", "--dtype", "fp32", "--name", "t", "--results", str(tmp_path),
-        "--data", "tiny-heldout", "--window", "128", "--kld-tokens", "2000", "--prompt-lengths", "64",
+        "--data", "tiny-heldout[:6000]", "--window", "128", "--kld-tokens", "1000", "--prompt-lengths", "64",
         "--batches", "1", "2", "--decode-tokens", "4", "--repeats", "1")
     assert code == 0, err
     record = json.loads((tmp_path / "t.json").read_text())
@@ -124,6 +136,7 @@ def test_report_one_row_per_model_every_column_filled(capsys, tmp_path, isolated
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "no-such-set"], "unknown dataset 'no-such-set'"),
+    (["--data", "tiny-heldout[:0]"], "dataset 'tiny-heldout[:0]': the head must be at least 1"),
     (["--data", "EMPTY"], "dataset is empty"),
     (["--data", "tiny-heldout", "--window", "100000"], "exceeds the model's"),
     (["--data", "tiny-heldout", "--window", "64", "--stride", "64"], "stride must be in 1..63"),

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from quantkit.agreement import Agreement
@@ -22,6 +23,7 @@ from quantkit.calib import calibration_samples, default_calib, load_calibration,
 from quantkit.chat import render_dialogue, stop_token_ids
 from quantkit.cli import main
 from quantkit.data import load_dataset
+from quantkit.downstream import check_serving_contract
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import Method, perplexity
 from quantkit.export import gptq as gptq_export
@@ -370,3 +372,50 @@ def test_cli_failure_mid_way_leaves_nothing(tmp_path, capsys, monkeypatch):
     code, err = export_cli(capsys, out, "--method", "rtn")
     assert_one_line_error(code, err, "No space left")
     assert_nothing_left(out)
+
+
+# ---- what vLLM / TGI / transformers expect of the folder (quantkit.downstream, also run by export and verify) ----
+
+def rewrite_tensors(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    save_file(edit(tensors), folder / "model.safetensors")
+
+
+def rewrite_json(folder: Path, name: str, edit) -> None:
+    data = json.loads((folder / name).read_text())
+    edit(data)
+    (folder / name).write_text(json.dumps(data))
+
+
+LAYER0_QKV = "gpt_neox.layers.0.attention.query_key_value"
+BREAKAGES = {
+    "head renamed": (lambda f: rewrite_tensors(f, lambda t: {("lm_head.weight" if k == "embed_out.weight" else k): v
+                                                             for k, v in t.items()}), "tensor embed_out.weight: missing"),
+    "g_idx dropped": (lambda f: rewrite_tensors(f, lambda t: {k: v for k, v in t.items() if k != f"{LAYER0_QKV}.g_idx"}),
+                      f"{LAYER0_QKV}: missing g_idx"),
+    "fp32 scales": (lambda f: rewrite_tensors(f, lambda t: {k: v.float() if k.endswith(".scales") else v
+                                                             for k, v in t.items()}), "scales: dtype F32, expected F16"),
+    "v2 format": (lambda f: rewrite_json(f, "config.json", lambda c: c["quantization_config"].update(
+        checkpoint_format="gptq_v2")), "checkpoint_format 'gptq_v2' is not the classic 'gptq'"),
+    "no quant_method": (lambda f: rewrite_json(f, "config.json", lambda c: c["quantization_config"].pop("quant_method")),
+                        "quant_method is None"),
+    "legacy config disagrees": (lambda f: rewrite_json(f, "quantize_config.json", lambda c: c.update(group_size=64)),
+                                "quantize_config.json: 'group_size' differs from config.json"),
+    "no rotary_pct": (lambda f: rewrite_json(f, "config.json", lambda c: c.pop("rotary_pct")), "'rotary_pct' missing"),
+}
+
+
+def test_serving_contract_holds_for_every_export(gptq_folder, act_order_folder, rtn_folder):
+    for folder in (gptq_folder, act_order_folder, rtn_folder):
+        assert check_serving_contract(folder, "gptq") == []
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_serving_contract_names_each_breakage(rtn_folder, tmp_path, capsys, breakage):
+    broken = shutil.copytree(rtn_folder, tmp_path / "broken")
+    edit, message = BREAKAGES[breakage]
+    edit(broken)
+    problems = check_serving_contract(broken, "gptq")
+    assert any(message in p for p in problems), problems
+    assert main(["verify", str(broken)]) == 1
+    assert message in capsys.readouterr().out

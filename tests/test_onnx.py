@@ -19,6 +19,7 @@ from quantkit.backends.onnxrt import OnnxBackend, cuda_usable
 from quantkit.backends.pytorch import TorchBackend
 from quantkit.chat import Sampler, render_prompt
 from quantkit.cli import main
+from quantkit.downstream import check_serving_contract
 from quantkit.export import onnx as onnx_export
 from quantkit.export import onnx_graph
 from quantkit.export.artifact import verify
@@ -151,7 +152,7 @@ def test_artifact_folder_manifest_and_card(tiny_fp16):
 
 
 def test_loads_from_another_folder_and_working_directory(tiny_fp32, tmp_path, monkeypatch, tiny_backend):
-    moved = shutil.copytree(tiny_fp32, tmp_path / "moved")
+    shutil.copytree(tiny_fp32, tmp_path / "moved")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -180,10 +181,10 @@ def test_cuda_request_without_cuda_provider_warns_and_runs_on_cpu(tiny_fp32):
 
 @pytest.mark.slow
 def test_stablelm_3b_shape_exports_validates_and_runs(exports):
-    """Real 3B width, 32 heads of 128, rotary_pct 0.25, 50688 vocab rows; 2 layers, random weights (~800M
+    """Real 3B width, 32 heads of 128, rotary_pct 0.25, 50688 vocab rows; 1 layer, random weights (~620M
     parameters: fp32, since PyTorch's fp16 reference is slow on CPU). Greedy equality with PyTorch is part of
     the validation record, checked here, rather than a second PyTorch run."""
-    folder = export_onnx("stablelm-3b:layers=2", exports / "3b-2layers", OnnxOptions(dtype="fp32", device="cpu"))
+    folder = export_onnx("stablelm-3b:layers=1", exports / "3b-1layer", OnnxOptions(dtype="fp32", device="cpu"))
     validation = json.loads((folder / "quantkit.json").read_text())["validation"]
     assert validation["passed"] and validation["max_abs_diff"] <= 1e-4
     assert all(c["finite"] and c["greedy_equal_steps"] + c["near_ties"] >= c["steps"] == STEPS + 1
@@ -191,7 +192,7 @@ def test_stablelm_3b_shape_exports_validates_and_runs(exports):
     config = json.loads((folder / "config.json").read_text())
     assert (config["num_attention_heads"], config["rotary_pct"], config["vocab_size"]) == (32, 0.25, 50688)
     backend = OnnxBackend(folder, device="cpu")
-    assert backend.vocab_rows == 50688 and (backend.heads, backend.head_dim, backend.layers) == (32, 128, 2)
+    assert backend.vocab_rows == 50688 and (backend.heads, backend.head_dim, backend.layers) == (32, 128, 1)
     assert len(greedy(backend, encode(backend.tokenizer, QUESTIONS[:1]), 4)[0]) == 4
 
 
@@ -260,3 +261,37 @@ def test_cli_disk_write_failure(capsys, tmp_path, monkeypatch):
     code, err = run_export(capsys, out, "--model", "tiny", "--device", "cpu")
     assert_clean_failure(code, err, out, "No space left on device")
     assert not out.exists()
+
+
+# ---- what onnxruntime / ORTModelForCausalLM expect of the folder (quantkit.downstream) ----
+
+def rename_input(folder: Path, old: str, new: str) -> None:
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    for node in model.graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+    next(i for i in model.graph.input if i.name == old).name = new
+    onnx.save(model, folder / "model.onnx")
+
+
+ONNX_BREAKAGES = {
+    "sidecar lost": (lambda f: (f / "model.onnx.data").unlink(), "external data model.onnx.data: missing"),
+    "input renamed": (lambda f: rename_input(f, "position_ids", "positions"),
+                      "inputs: missing ['position_ids'], unexpected ['positions']"),
+    "config has another layer count": (
+        lambda f: (f / "config.json").write_text(json.dumps(json.loads((f / "config.json").read_text())
+                                                            | {"num_hidden_layers": 3})),
+        "inputs: missing ['past_key_values.2.key', 'past_key_values.2.value']"),
+}
+
+
+def test_serving_contract_holds(tiny_fp16, tiny_fp32):
+    assert check_serving_contract(tiny_fp16, "onnx") == [] and check_serving_contract(tiny_fp32, "onnx") == []
+
+
+@pytest.mark.parametrize("breakage", ONNX_BREAKAGES)
+def test_serving_contract_names_each_breakage(tiny_fp32, tmp_path, breakage):
+    broken = shutil.copytree(tiny_fp32, tmp_path / "broken")
+    edit, message = ONNX_BREAKAGES[breakage]
+    edit(broken)
+    problems = check_serving_contract(broken, "onnx")
+    assert any(message in p for p in problems), problems

@@ -31,7 +31,7 @@ calib = ["tiny-train"]
 calib_samples = 8
 calib_seqlen = 64
 [eval]
-data = "tiny-heldout"
+data = "tiny-heldout[:6000]"
 window = 128
 stride = 96
 kld_tokens = 500
@@ -69,14 +69,24 @@ def test_bad_recipe_names_the_key_and_the_file(tmp_path, capsys, edit, message):
     assert err.startswith(f"error: {path}: ") and message in err
 
 
-def run_recipe(capsys, recipe: Path, out: Path, results: Path) -> str:
-    assert main(["run", str(recipe), "--out", str(out), "--results", str(results)]) == 0
+@pytest.mark.parametrize("override, message", [
+    ("export.bits=5", "'export.bits' = 5 is out of range"),
+    ("eval.windw=64", "unknown key 'eval.windw'"),
+    ("bench.batches=1", "'bench.batches' must be list"),
+    ("bits=4", "expected SECTION.KEY=VALUE"),
+])
+def test_bad_override_names_the_key(tmp_path, capsys, override, message):
+    path = tmp_path / "ok.toml"
+    path.write_text(FAST_RECIPE.format(name="ok", group_size=32))
+    code = main(["run", str(path), "--out", str(tmp_path / "out"), "--set", override])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def run_recipe(capsys, recipe: Path, out: Path, results: Path, *extra: str) -> str:
+    assert main(["run", str(recipe), "--out", str(out), "--results", str(results), *extra]) == 0
     return capsys.readouterr().out
-
-
-@pytest.fixture
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
 
 
 def test_run_produces_artifact_manifest_and_row_then_skips_then_reruns_what_changed(tmp_path, capsys):
@@ -95,8 +105,7 @@ def test_run_produces_artifact_manifest_and_row_then_skips_then_reruns_what_chan
     second = run_recipe(capsys, recipe, out, results)
     assert "running" not in second and second.count("up to date") == 5
 
-    recipe.write_text(FAST_RECIPE.format(name="fast", group_size=64))
-    third = run_recipe(capsys, recipe, out, results)
+    third = run_recipe(capsys, recipe, out, results, "--set", "export.group_size=64")
     assert third.count("running") == 3 and third.count("up to date") == 2  # the reference is untouched
     assert json.loads((artifact / "quantkit.json").read_text())["recipe"]["export"]["group_size"] == 64
 

@@ -121,7 +121,14 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 def write_manifest(folder: Path, info: dict) -> None:
-    """quantkit.json: `info` (recipe, options, versions, validation, metrics) plus the sha256 of every file."""
+    """quantkit.json: `info` (recipe, options, versions, validation, metrics) plus the sha256 of every file. The
+    last step before publishing, so it first refuses a folder that misses what a downstream loader expects."""
+    from quantkit.downstream import check_serving_contract
+
+    problems = check_serving_contract(folder, info["format"])
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise QuantkitError(f"the {info['format']} artifact does not meet its loaders' expectations: {problems[0]}{more}")
     manifest = {**info, "files": file_hashes(folder)}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

@@ -35,7 +35,7 @@ from quantkit.export.artifact import (
     write_manifest,
 )
 from quantkit.runner import generate, left_pad
-from quantkit.sources import default_device, load_model, load_tokenizer, model_folder, parse_spec
+from quantkit.sources import default_device, load_model, load_model_config, load_tokenizer, model_folder
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 VALIDATION_QUESTIONS = (
@@ -118,11 +118,7 @@ def open_source(spec: str, dtype: torch.dtype, device: str) -> Source:
     if folder is None:
         model, tokenizer = load_model(spec, dtype=dtype, device=device)
         return Source(model.config, tokenizer, module_reader(model), model)
-    config = GPTNeoXConfig.from_pretrained(folder)
-    layers = parse_spec(spec).layers
-    if layers:
-        config.num_hidden_layers = min(layers, config.num_hidden_layers)
-    return Source(config, load_tokenizer(folder), checkpoint_reader(folder))
+    return Source(load_model_config(spec), load_tokenizer(folder), checkpoint_reader(folder))
 
 
 def parameter_bytes(config: GPTNeoXConfig, dtype: torch.dtype) -> int:
