@@ -182,4 +182,6 @@ def run(recipe_paths: list[str], out_root: Path, force: bool = False, results: P
     from quantkit.machine import machine_info, machine_line
 
     info = machine_info()
-    return write_report(rows, info, machine_line(info), results, table_name or recipes[0].name)
+    command = ["quantkit", "run", *recipe_paths, *(["--model", model] if model else []),
+               *(word for override in overrides for word in ("--set", override))]
+    return write_report(rows, info, machine_line(info), results, table_name or recipes[0].name, command)

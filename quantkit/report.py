@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import resource
+import shlex
 import signal
 import sys
 from dataclasses import dataclass
@@ -199,14 +200,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[dict], machine: dict, machine_line: str, out_dir: Path, name: str) -> dict[str, Path]:
-    """benchmarks/results/<name>.json, .md and .png; the first row is the reference."""
+def write_report(rows: list[dict], machine: dict, machine_line: str, out_dir: Path, name: str,
+                 command: list[str] | None = None) -> dict[str, Path]:
+    """benchmarks/results/<name>.json, .md and .png; the first row is the reference. `command`, the command line
+    that made the table, is recorded in both."""
     out_dir.mkdir(parents=True, exist_ok=True)
     first = rows[0]["eval"]
     eval_line = f"Quality: `{first['data']}`, window {first['window']}, stride {first['stride']}; " \
                 f"KLD and top-1 vs the first row; speed through the shared runner, median of repeats."
     paths = {suffix: out_dir / f"{name}.{suffix}" for suffix in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    if command:
+        eval_line += f"\n\nMade by: `{' '.join(shlex.quote(word) for word in command)}`"
+    paths["json"].write_text(json.dumps({"machine": machine, "command": command, "rows": rows}, indent=2) + "\n")
     paths["md"].write_text(markdown(rows, machine_line, name, eval_line))
     plot(rows, paths["png"], name)
     return paths

@@ -100,12 +100,16 @@ def test_run_produces_artifact_manifest_and_row_then_skips_then_reruns_what_chan
     assert verify(artifact) == [] and manifest["recipe"]["name"] == "fast"
     table = json.loads((results / "fast.json").read_text())
     assert [row["name"] for row in table["rows"]] == ["reference", "fast"]
+    assert [set(row["stages"]) for row in table["rows"]] == [{"eval", "bench"}, {"export", "eval", "bench"}]
+    assert all(figures["seconds"] > 0 and figures["peak_rss_bytes"] > 2**20
+               for row in table["rows"] for figures in row["stages"].values())
     assert first.count("running") == 2 + 3  # reference eval/bench, then export/eval/bench
 
     second = run_recipe(capsys, recipe, out, results)
     assert "running" not in second and second.count("up to date") == 5
 
     third = run_recipe(capsys, recipe, out, results, "--set", "export.group_size=64")
+    assert json.loads((results / "fast.json").read_text())["command"][-2:] == ["--set", "export.group_size=64"]
     assert third.count("running") == 3 and third.count("up to date") == 2  # the reference is untouched
     assert json.loads((artifact / "quantkit.json").read_text())["recipe"]["export"]["group_size"] == 64
 
