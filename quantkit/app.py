@@ -206,36 +206,14 @@ def report(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    """`quantkit export --fmt gptq|onnx|onnx-int4`."""
+    """`quantkit export --fmt FORMAT`: the format's exporter with the parsed options."""
     from pathlib import Path
 
-    out = Path(args.out)
-    if args.fmt == "onnx":
-        from quantkit.export.onnx import OnnxOptions, export_onnx
+    from quantkit.formats import get_format
 
-        export_onnx(args.model, out, OnnxOptions(dtype=args.dtype, opset=args.opset, device=args.device,
-                                                 validate=args.validate), overwrite=args.overwrite)
-    elif args.fmt == "gptq":
-        from quantkit.export.gptq import export_gptq
-
-        export_gptq(args.model, out, gptq_options(args), overwrite=args.overwrite)
-    else:
-        from quantkit.export.onnx_int4 import Int4Options, export_onnx_int4
-
-        options = Int4Options(dtype=args.dtype, accuracy_level=args.accuracy_level)
-        export_onnx_int4(args.model, out, options, overwrite=args.overwrite, gptq_options=gptq_options(args))
-    print(f"wrote {out}")
+    get_format(args.fmt).export(args.model, Path(args.out), vars(args), args.overwrite, None)
+    print(f"wrote {args.out}")
     return 0
-
-
-def gptq_options(args: argparse.Namespace):
-    from quantkit.export.gptq import GptqOptions
-
-    calib = tuple(args.calib) if args.calib else GptqOptions().calib
-    return GptqOptions(method=args.method, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
-                       sym=args.sym, true_sequential=args.true_sequential, damp=args.damp, calib=calib,
-                       calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                       device=args.device, allow_eval_split=args.force_calib_split)
 
 
 def run_recipes(args: argparse.Namespace) -> int:
@@ -256,11 +234,11 @@ def verify(folder: str) -> int:
     misses something a downstream loader expects."""
     from pathlib import Path
 
-    from quantkit.downstream import check_serving_contract
+    from quantkit.formats import serving_problems
     from quantkit.export.artifact import read_manifest, verify as verify_folder
 
     problems = verify_folder(Path(folder))
-    problems += check_serving_contract(Path(folder), read_manifest(Path(folder))["format"])
+    problems += serving_problems(Path(folder), read_manifest(Path(folder))["format"])
     for problem in problems:
         print(problem)
     print(f"{folder}: {'FAILED' if problems else 'OK'} ({len(problems)} problem(s))", file=sys.stderr)

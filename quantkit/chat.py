@@ -1,6 +1,7 @@
 """StableLM-Tuned-Alpha chat semantics: prompt format, stop tokens and sampling — defined once, used by all."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -110,3 +111,25 @@ def render_dialogue(tokenizer, turns: Sequence[tuple[str, str]], system: str = S
         ids += tokenizer.convert_tokens_to_ids([role_token[role]]) + piece
         scored += [False] + [role == "assistant"] * len(piece)
     return ids, scored
+
+
+def chat_template() -> str:
+    """The prompt format as a Hugging Face `chat_template` (Jinja), for `apply_chat_template` and chat servers.
+
+    It renders exactly what `render_prompt` renders: a leading "system" message replaces the card's system prompt,
+    then user / assistant messages in order, and `<|ASSISTANT|>` as the generation prompt.
+    """
+    tag = {"user": USER_TOKEN, "assistant": ASSISTANT_TOKEN}
+    return (
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+        f"{{% else %}}{{% set system = {json.dumps(STABLELM_SYSTEM_PROMPT)} %}}{{% endif %}}"
+        f"{SYSTEM_TOKEN}{{{{ system }}}}"
+        "{% for message in messages %}"
+        f"{{% if message['role'] == 'user' %}}{tag['user']}"
+        f"{{% elif message['role'] == 'assistant' %}}{tag['assistant']}"
+        "{% else %}{{ raise_exception('roles must be system (first), user or assistant') }}{% endif %}"
+        "{{ message['content'] }}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{ASSISTANT_TOKEN}{{% endif %}}"
+    )

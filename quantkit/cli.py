@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import FORMATS
 
 MODEL_HELP = (
     "hub id, local Hugging Face folder, exported artifact folder, or preset "
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_args(report)
     export = commands.add_parser("export", help="write a GPTQ or ONNX artifact folder",
                                  description="Export a checkpoint. Nothing appears at --out unless the export succeeds.")
-    export.add_argument("--fmt", required=True, choices=["gptq", "onnx", "onnx-int4"], help="artifact format")
+    export.add_argument("--fmt", required=True, choices=list(FORMATS),
+                        help="; ".join(f"{f.name}: {f.summary}" for f in FORMATS.values()))
     export.add_argument("--model", required=True, help=MODEL_HELP + "; for onnx-int4 also a GPTQ artifact folder")
     export.add_argument("--out", required=True, help="artifact folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -109,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     gptq.add_argument("--calib-samples", type=positive_int, default=128)
     gptq.add_argument("--calib-seqlen", type=positive_int, default=512)
     gptq.add_argument("--seed", type=int, default=0)
-    gptq.add_argument("--force-calib-split", action="store_true", help="allow calibrating on a test/eval split")
+    gptq.add_argument("--force-calib-split", dest="allow_eval_split", action="store_true",
+                      help="allow calibrating on a test/eval split")
     onnx = export.add_argument_group("onnx / onnx-int4")
     onnx.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
                       help="graph dtype: fp16 for CUDA, fp32 for ONNX Runtime's CPU provider (default: %(default)s)")

@@ -4,7 +4,7 @@ Specs:
   wikitext2-test, wikitext2-valid   WikiText-2 raw from the shared data folder (or the hub where there is internet)
   hh-helpful-test, hh-harmless-test Anthropic HH test dialogues (`chosen`), shared data folder
   alpaca-sample                     the 25-record Alpaca sample, shared data folder
-  tiny-train, tiny-heldout          the tiny model's own training / held-out text
+  tiny-train, tiny-heldout          the tiny model's own training / held-out text (quantkit.corpus)
   PATH                              .txt/.raw (plain text) or .json/.jsonl/.jsonl.gz records: HH `chosen`,
                                     Alpaca instruction/input/output, Dolly instruction/context/response,
                                     ShareGPT `conversations`, or prompt/completion
@@ -35,7 +35,7 @@ SHARED_RECORDS = {
     "hh-harmless-test": "instruct/hh-rlhf/harmless-base-test.jsonl.gz",
     "alpaca-sample": "instruct/alpaca/alpaca_short.json",
 }
-TINY_TEXT = {"tiny-train": "train.txt", "tiny-heldout": "heldout.txt"}
+TINY_TEXT = {"tiny-train": 0, "tiny-heldout": 1}  # index into quantkit.corpus.build_corpus()
 KNOWN_SPECS = (*SHARED_TEXT, *SHARED_RECORDS, *TINY_TEXT)
 TEXT_SUFFIXES = (".txt", ".raw")
 RECORD_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".json.gz")
@@ -73,9 +73,9 @@ def load_dataset(spec: str) -> Dataset:
     if spec in SHARED_RECORDS:
         return Dataset(spec, dialogues=records_to_dialogues(read_records(data_dir() / SHARED_RECORDS[spec]), spec))
     if spec in TINY_TEXT:
-        from quantkit.tiny import tiny_folder
+        from quantkit.corpus import build_corpus
 
-        return Dataset(spec, text=read_text(tiny_folder("own") / TINY_TEXT[spec]))
+        return Dataset(spec, text=build_corpus(data_dir())[TINY_TEXT[spec]])
     if spec.startswith("hub:"):
         return Dataset(spec, dialogues=records_to_dialogues(hub_records(spec[4:]), spec))
     path = Path(spec).expanduser()

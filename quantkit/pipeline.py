@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 from quantkit.errors import QuantkitError
 from quantkit.fingerprint import fingerprint, source_fingerprint
+from quantkit.formats import get_format
 from quantkit.export.artifact import verify, versions
 from quantkit.recipe import Recipe, load_recipe
 from quantkit.report import EvalRequest, evaluate_backend, model_size_bytes, run_isolated, write_report
@@ -46,26 +47,8 @@ class StageBook:
 
 def export_artifact(recipe: Recipe, out: Path) -> None:
     """The recipe's export into `out` (replacing an older one), the manifest carrying the recipe."""
-    options = {k: v for k, v in recipe.export.items() if k != "format"}
-    extra = {"recipe": recipe.as_dict()}
-    if recipe.export["format"] == "onnx":
-        from quantkit.export.onnx import OnnxOptions, export_onnx
-
-        fields = {f.name for f in dataclasses.fields(OnnxOptions)}
-        export_onnx(recipe.source["model"], out, OnnxOptions(**{k: v for k, v in options.items() if k in fields}),
-                    overwrite=True, manifest_extra=extra)
-    else:
-        from quantkit.export.gptq import GptqOptions, export_gptq
-
-        fields = {f.name for f in dataclasses.fields(GptqOptions)}
-        gptq = GptqOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in fields})
-        if recipe.export["format"] == "gptq":
-            export_gptq(recipe.source["model"], out, gptq, overwrite=True, manifest_extra=extra)
-        else:
-            from quantkit.export.onnx_int4 import Int4Options, export_onnx_int4
-
-            int4 = Int4Options(dtype=options["dtype"], accuracy_level=options["accuracy_level"])
-            export_onnx_int4(recipe.source["model"], out, int4, overwrite=True, gptq_options=gptq, manifest_extra=extra)
+    fmt = get_format(recipe.export["format"])
+    fmt.export(recipe.source["model"], out, recipe.export, True, {"recipe": recipe.as_dict()})
 
 
 def eval_request(recipe: Recipe) -> EvalRequest:

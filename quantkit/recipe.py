@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import FORMATS
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "dtype": Field(str, "auto", lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
     },
     "export": {
-        "format": one_of("gptq", "onnx", "onnx-int4"),
+        "format": one_of(*FORMATS),
         # GPTQ (and the GPTQ step of onnx-int4)
         "method": one_of("gptq", "rtn"),
         "bits": Field(int, 4, lambda v: v in (2, 3, 4, 8), "2, 3, 4 or 8"),

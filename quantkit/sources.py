@@ -20,37 +20,10 @@ from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTr
 from quantkit.attention import ATTN_IMPLEMENTATION
 from quantkit.errors import QuantkitError
 from quantkit.paths import data_dir
+from quantkit.shapes import STABLELM_TOKENIZER, RandomShape
+from quantkit.tiny import tiny_folder
 
 SUPPORTED_MODEL_TYPE = "gpt_neox"
-STABLELM_TOKENIZER = "tokenizers/stablelm-tuned-alpha-7b"
-
-
-@dataclass(frozen=True)
-class RandomShape:
-    """A StableLM-Alpha-shaped GPT-NeoX config that gets seeded random weights."""
-
-    hidden: int
-    layers: int
-    heads: int
-    vocab_rows: int
-
-    def config(self, layers: int | None = None) -> GPTNeoXConfig:
-        return GPTNeoXConfig(
-            vocab_size=self.vocab_rows,
-            hidden_size=self.hidden,
-            num_hidden_layers=layers or self.layers,
-            num_attention_heads=self.heads,
-            intermediate_size=4 * self.hidden,
-            rotary_pct=0.25,
-            rotary_emb_base=10000,
-            max_position_embeddings=4096,
-            use_parallel_residual=True,
-            tie_word_embeddings=False,
-            layer_norm_eps=1e-5,
-            hidden_act="gelu",
-            bos_token_id=0,
-            eos_token_id=0,
-        )
 
 
 RANDOM_PRESETS = {
@@ -93,8 +66,6 @@ def model_folder(spec: str) -> Path | None:
     """The Hugging Face folder behind a spec (the tiny presets' cache folder included); None for random presets."""
     parsed = parse_spec(spec)
     if parsed.preset in TINY_PRESETS:
-        from quantkit.tiny import tiny_folder
-
         return tiny_folder(TINY_PRESETS[parsed.preset]) / "model"
     if parsed.folder is not None:
         check_folder(parsed.folder)
@@ -149,8 +120,6 @@ def random_preset_tokenizer() -> PreTrainedTokenizerBase:
     shared = data_dir(required=False)
     if shared is not None and (shared / STABLELM_TOKENIZER).is_dir():
         return load_tokenizer(shared / STABLELM_TOKENIZER)
-    from quantkit.tiny import tiny_folder
-
     return load_tokenizer(tiny_folder("own") / "model")
 
 

@@ -1,7 +1,9 @@
 """StableLM prompt format, stop tokens and sampling."""
 import torch
 
-from quantkit.chat import STABLELM_SYSTEM_PROMPT, Sampler, render_prompt, stop_token_ids
+import pytest
+
+from quantkit.chat import STABLELM_SYSTEM_PROMPT, Sampler, chat_template, render_prompt, stop_token_ids
 
 
 def test_prompt_with_system_and_two_turn_history():
@@ -51,3 +53,31 @@ def test_top_p_keeps_only_the_nucleus():
     sampler = Sampler(temperature=1.0, top_p=0.8, seed=0)
     drawn = {sampler(logits).item() for _ in range(200)}
     assert drawn == {0, 1}
+
+
+CHAT_CASES = [
+    ([{"role": "user", "content": "What is GPTQ?"}], ("What is GPTQ?", STABLELM_SYSTEM_PROMPT, ())),
+    ([{"role": "system", "content": "Be brief.\n"}, {"role": "user", "content": "Hi"}], ("Hi", "Be brief.\n", ())),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+      {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+     ("And 3+3?", STABLELM_SYSTEM_PROMPT, (("Hi", "Hello!"), ("2+2?", "4")))),
+    ([{"role": "system", "content": "Só isso: \"aspas\" {{ chaves }}"}, {"role": "user", "content": "a"},
+      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+     ("c", "Só isso: \"aspas\" {{ chaves }}", (("a", "b"),))),
+]
+
+
+@pytest.mark.parametrize("messages, prompt", CHAT_CASES)
+def test_chat_template_renders_exactly_the_prompt_format(stablelm_tokenizer, messages, prompt):
+    user, system, history = prompt
+    rendered = stablelm_tokenizer.apply_chat_template(messages, chat_template=chat_template(), tokenize=False,
+                                                      add_generation_prompt=True)
+    assert rendered == render_prompt(user, system=system, history=history)
+    without = stablelm_tokenizer.apply_chat_template(messages, chat_template=chat_template(), tokenize=False)
+    assert rendered == without + "<|ASSISTANT|>"
+
+
+def test_chat_template_refuses_unknown_roles(stablelm_tokenizer):
+    with pytest.raises(Exception, match="roles must be"):
+        stablelm_tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], chat_template=chat_template(),
+                                               tokenize=False)

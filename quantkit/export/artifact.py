@@ -12,7 +12,7 @@ from typing import Iterator
 
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from quantkit.chat import CARD_MAX_NEW_TOKENS, CARD_TEMPERATURE, stop_token_ids
+from quantkit.chat import CARD_MAX_NEW_TOKENS, CARD_TEMPERATURE, chat_template, stop_token_ids
 from quantkit.errors import QuantkitError
 
 MANIFEST = "quantkit.json"
@@ -80,7 +80,9 @@ def write_config(config: PretrainedConfig, dst: Path, extra: dict | None = None)
 
 
 def copy_tokenizer_files(tokenizer: PreTrainedTokenizerBase, dst: Path) -> None:
-    """The source's tokenizer files byte for byte when they are on disk, else as transformers saves them."""
+    """The source's tokenizer files byte for byte when they are on disk (else as transformers saves them), with
+    the StableLM prompt format added to tokenizer_config.json as its `chat_template`, so `apply_chat_template`
+    and chat servers (vLLM's /v1/chat/completions) render the card's prompt."""
     src = Path(tokenizer.name_or_path)
     if all((src / name).is_file() for name in TOKENIZER_FILES[:2]):
         for name in TOKENIZER_FILES:
@@ -88,6 +90,11 @@ def copy_tokenizer_files(tokenizer: PreTrainedTokenizerBase, dst: Path) -> None:
                 shutil.copy2(src / name, dst / name)
     else:
         tokenizer.save_pretrained(dst)
+    config_file = dst / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = chat_template()
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (dst / "chat_template.jinja").unlink(missing_ok=True)  # transformers 5 may save it apart; keep one copy
 
 
 def write_generation_config(tokenizer: PreTrainedTokenizerBase, dst: Path) -> None:
@@ -123,9 +130,9 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def write_manifest(folder: Path, info: dict) -> None:
     """quantkit.json: `info` (recipe, options, versions, validation, metrics) plus the sha256 of every file. The
     last step before publishing, so it first refuses a folder that misses what a downstream loader expects."""
-    from quantkit.downstream import check_serving_contract
+    from quantkit.formats import serving_problems
 
-    problems = check_serving_contract(folder, info["format"])
+    problems = serving_problems(folder, info["format"])
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise QuantkitError(f"the {info['format']} artifact does not meet its loaders' expectations: {problems[0]}{more}")

@@ -2,7 +2,8 @@
 against PyTorch with ONNX Runtime before it is published.
 
 Folder: model.onnx, model.onnx.data (every weight, one sidecar), config.json, generation_config.json, tokenizer
-files, README.md (model card) and quantkit.json (manifest). The graph contract is in onnx_graph.py.
+files (with the chat template), genai_config.json (onnxruntime-genai), README.md (model card) and quantkit.json
+(manifest). The graph contract is in onnx_graph.py.
 
 Validation runs the shared runner (quantkit.runner.generate) on fixed chat prompts, at batch 1 and on a left-padded
 batch of 3, with the PyTorch model in the export dtype and then with ONNX Runtime: all prefill logits, then 32
@@ -25,6 +26,7 @@ from quantkit.backends.pytorch import TorchBackend
 from quantkit.chat import Sampler, render_prompt
 from quantkit.errors import QuantkitError
 from quantkit.export import onnx_graph
+from quantkit.export.genai import write_genai_config
 from quantkit.export.artifact import (
     copy_tokenizer_files,
     ensure_free_space,
@@ -130,9 +132,16 @@ def write_model_files(source: Source, folder: Path, options: OnnxOptions) -> Non
     """model.onnx + model.onnx.data, config, generation config and tokenizer files."""
     dtype = DTYPES[options.dtype]
     onnx_graph.export_graph(source.config, dtype, options.opset, source.read, folder)
-    write_config(source.config, folder, extra={"dtype": str(dtype).removeprefix("torch.")})
-    write_generation_config(source.tokenizer, folder)
-    copy_tokenizer_files(source.tokenizer, folder)
+    write_sidecar_files(source.config, source.tokenizer, folder, {"dtype": str(dtype).removeprefix("torch.")})
+
+
+def write_sidecar_files(config: GPTNeoXConfig, tokenizer: PreTrainedTokenizerBase, folder: Path, extra: dict) -> None:
+    """What an ONNX folder holds beside the graph: config.json (+ `extra` keys), generation config, tokenizer
+    files with the chat template, and onnxruntime-genai's genai_config.json."""
+    write_config(config, folder, extra=extra)
+    write_generation_config(tokenizer, folder)
+    copy_tokenizer_files(tokenizer, folder)
+    write_genai_config(config, tokenizer, folder)
 
 
 # ---- validation ------------------------------------------------------------------------------------------------

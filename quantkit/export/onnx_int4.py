@@ -34,19 +34,20 @@ from transformers import GPTNeoXConfig
 
 from quantkit.errors import QuantkitError
 from quantkit.export import onnx_graph
-from quantkit.export.artifact import (
-    copy_tokenizer_files,
-    ensure_free_space,
-    staged_output,
-    versions,
-    write_config,
-    write_generation_config,
-    write_manifest,
-)
+from quantkit.export.artifact import ensure_free_space, staged_output, versions, write_manifest
 from quantkit.export.gptq import GptqOptions, export_gptq
 from quantkit.export.gptq_layout import BITS, dequantized_model, quantized_prefixes, unpack_nibbles
-from quantkit.export.onnx import DTYPES, TOLERANCES, Reference, Tolerance, check_artifact, checkpoint_reader, record_reference, \
-    validation_section
+from quantkit.export.onnx import (
+    DTYPES,
+    TOLERANCES,
+    Reference,
+    Tolerance,
+    check_artifact,
+    checkpoint_reader,
+    record_reference,
+    validation_section,
+    write_sidecar_files,
+)
 from quantkit.sources import default_device, load_tokenizer
 
 FORMAT = "onnx-int4"
@@ -261,10 +262,8 @@ def write_model_files(gptq: Path, folder: Path, options: Int4Options) -> dict:
     replace_linears(model.graph, linears, options.accuracy_level)
     model.opset_imports[MS_DOMAIN] = 1
     onnx_graph.save_graph(model, folder)
-    write_config(config, folder, extra={"dtype": str(dtype).removeprefix("torch."), "quantization_config": quantization})
-    tokenizer = load_tokenizer(gptq)
-    write_generation_config(tokenizer, folder)
-    copy_tokenizer_files(tokenizer, folder)
+    extra = {"dtype": str(dtype).removeprefix("torch."), "quantization_config": quantization}
+    write_sidecar_files(config, load_tokenizer(gptq), folder, extra)
     return quantization
 
 
