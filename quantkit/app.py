@@ -223,7 +223,7 @@ def run_recipes(args: argparse.Namespace) -> int:
     from quantkit.pipeline import run
 
     paths = run(args.recipes, Path(args.out), force=args.force, results=Path(args.results), table_name=args.name,
-                model=args.model, overrides=args.set)
+                model=args.model, revision=args.revision, overrides=args.set)
     print(paths["md"].read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
@@ -234,11 +234,14 @@ def verify(folder: str) -> int:
     misses something a downstream loader expects."""
     from pathlib import Path
 
+    from quantkit.export.artifact import read_manifest, source_lines, verify as verify_folder
     from quantkit.formats import serving_problems
-    from quantkit.export.artifact import read_manifest, verify as verify_folder
 
+    manifest = read_manifest(Path(folder))
+    for line in source_lines(manifest):
+        print(line)
     problems = verify_folder(Path(folder))
-    problems += serving_problems(Path(folder), read_manifest(Path(folder))["format"])
+    problems += serving_problems(Path(folder), manifest["format"])
     for problem in problems:
         print(problem)
     print(f"{folder}: {'FAILED' if problems else 'OK'} ({len(problems)} problem(s))", file=sys.stderr)

@@ -10,9 +10,10 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import FORMATS
 
 MODEL_HELP = (
-    "hub id, local Hugging Face folder, exported artifact folder, or preset "
+    "hub id (ID@REVISION pins a commit or tag), local Hugging Face folder, exported artifact folder, or preset "
     "(tiny, tiny-stablelm, stablelm-200m, stablelm-3b, stablelm-7b; add :layers=N to cut depth)"
 )
+REVISION_HELP = "hub commit sha, tag or branch to read --model at (the manifest records the commit it resolved to)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,6 +32,7 @@ def positive_int(text: str) -> int:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--revision", help=REVISION_HELP)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="PyTorch dtype (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--fmt", required=True, choices=list(FORMATS),
                         help="; ".join(f"{f.name}: {f.summary}" for f in FORMATS.values()))
     export.add_argument("--model", required=True, help=MODEL_HELP + "; for onnx-int4 also a GPTQ artifact folder")
+    export.add_argument("--revision", help=REVISION_HELP)
     export.add_argument("--out", required=True, help="artifact folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.add_argument("--device", help="cuda (default when present) or cpu")
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="table name (default: the first recipe's name)")
     run.add_argument("--force", action="store_true", help="re-run every stage")
     run.add_argument("--model", help="replace the recipes' source (e.g. a local folder instead of the hub id)")
+    run.add_argument("--revision", help="pin the recipes' hub source (or --model's) to this commit sha or tag")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a recipe value, checked like the file's own (repeatable), e.g. "
                           "--set 'eval.data=wikitext2-test[:20000]' --set 'bench.batches=[1]'")
@@ -178,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     from quantkit import app
+    from quantkit.sources import with_revision
+
+    if args.command != "run" and getattr(args, "revision", None):
+        args.model = with_revision(args.model, args.revision)
 
     if args.command == "demo":
         return app.demo(args.prompt, args.out, args.results)

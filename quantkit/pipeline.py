@@ -21,6 +21,7 @@ from quantkit.fingerprint import fingerprint, source_fingerprint
 from quantkit.formats import get_format
 from quantkit.export.artifact import verify, versions
 from quantkit.recipe import Recipe, load_recipe
+from quantkit.sources import with_revision
 from quantkit.report import EvalRequest, evaluate_backend, model_size_bytes, run_isolated, write_report
 from quantkit.bench import BenchSettings, benchmark
 
@@ -45,16 +46,31 @@ class StageBook:
         os.replace(tmp, self.path)
 
 
+def source_spec(recipe: Recipe) -> str:
+    """The recipe's model, pinned to its revision when it has one."""
+    return with_revision(recipe.source["model"], recipe.source["revision"])
+
+
+def override_source(recipe: Recipe, model: str | None, revision: str | None) -> Recipe:
+    """`--model` replaces the recipe's source (and drops its revision: a folder has none); `--revision` pins it."""
+    source = dict(recipe.source)
+    if model is not None:
+        source.update(model=model, revision="")
+    if revision is not None:
+        source["revision"] = revision
+    return dataclasses.replace(recipe, source=source)
+
+
 def export_artifact(recipe: Recipe, out: Path) -> None:
     """The recipe's export into `out` (replacing an older one), the manifest carrying the recipe."""
     fmt = get_format(recipe.export["format"])
-    fmt.export(recipe.source["model"], out, recipe.export, True, {"recipe": recipe.as_dict()})
+    fmt.export(source_spec(recipe), out, recipe.export, True, {"recipe": recipe.as_dict()})
 
 
 def eval_request(recipe: Recipe) -> EvalRequest:
     e = recipe.eval
     dtype = None if recipe.source["dtype"] == "auto" else recipe.source["dtype"]
-    return EvalRequest(data=e["data"], reference=recipe.source["model"], window=e["window"] or None,
+    return EvalRequest(data=e["data"], reference=source_spec(recipe), window=e["window"] or None,
                        stride=e["stride"] or None, batch_size=e["batch_size"], kld_tokens=e["kld_tokens"], dtype=dtype)
 
 
@@ -125,8 +141,8 @@ def run_recipe(recipe: Recipe, out_root: Path, force: bool, log: Log) -> dict:
         (folder / "stages.json").unlink(missing_ok=True)
     book = StageBook(folder / "stages.json")
     artifact = folder / "artifact"
-    log(f"{recipe.name} ({recipe.export['format']} of {recipe.source['model']})")
-    export_inputs = fingerprint(source_fingerprint(recipe.source["model"]), recipe.export, versions())
+    log(f"{recipe.name} ({recipe.export['format']} of {source_spec(recipe)})")
+    export_inputs = fingerprint(source_fingerprint(source_spec(recipe)), recipe.export, versions())
     record = folder / "export.json"
     if book.is_current("export", export_inputs) and artifact.is_dir() and not verify(artifact) and record.is_file():
         log("  export: up to date (manifest verifies)")
@@ -144,20 +160,19 @@ def reference_row(recipe: Recipe, out_root: Path, log: Log) -> dict:
     """The source model measured once per run (it checks itself: KL 0, top-1 100 %)."""
     folder = out_root / f"reference-{fingerprint(recipe.source)}"
     folder.mkdir(parents=True, exist_ok=True)
-    log(f"reference ({recipe.source['model']})")
-    return measure_rows("reference", recipe.source["model"], folder, StageBook(folder / "stages.json"),
-                        source_fingerprint(recipe.source["model"]), eval_request(recipe), bench_settings(recipe), log)
+    spec = source_spec(recipe)
+    log(f"reference ({spec})")
+    return measure_rows("reference", spec, folder, StageBook(folder / "stages.json"), source_fingerprint(spec),
+                        eval_request(recipe), bench_settings(recipe), log)
 
 
 def run(recipe_paths: list[str], out_root: Path, force: bool = False, results: Path = RESULTS,
-        table_name: str | None = None, model: str | None = None, overrides: Sequence[str] = (),
-        log: Log = print) -> dict[str, Path]:
-    """Run every recipe (with `model` replacing their source, e.g. a local folder for a hub id, and `overrides`
-    applied), then write one table (reference first) to `results`."""
-    recipes = [load_recipe(path, overrides) for path in recipe_paths]
-    if model is not None:
-        recipes = [dataclasses.replace(r, source={**r.source, "model": model}) for r in recipes]
-    shared = {(r.source["model"], r.source["dtype"], json.dumps(r.eval), json.dumps(r.bench)) for r in recipes}
+        table_name: str | None = None, model: str | None = None, revision: str | None = None,
+        overrides: Sequence[str] = (), log: Log = print) -> dict[str, Path]:
+    """Run every recipe (with `model` replacing their source, e.g. a local folder for a hub id, `revision` pinning
+    it and `overrides` applied), then write one table (reference first) to `results`."""
+    recipes = [override_source(load_recipe(path, overrides), model, revision) for path in recipe_paths]
+    shared = {(source_spec(r), r.source["dtype"], json.dumps(r.eval), json.dumps(r.bench)) for r in recipes}
     if len(shared) > 1:
         raise QuantkitError("recipes in one run must share source, eval and bench settings (run them separately)")
     rows = [reference_row(recipes[0], out_root, log)]
@@ -166,5 +181,6 @@ def run(recipe_paths: list[str], out_root: Path, force: bool = False, results: P
 
     info = machine_info()
     command = ["quantkit", "run", *recipe_paths, *(["--model", model] if model else []),
+               *(["--revision", revision] if revision else []),
                *(word for override in overrides for word in ("--set", override))]
     return write_report(rows, info, machine_line(info), results, table_name or recipes[0].name, command)

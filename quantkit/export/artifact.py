@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizer
 
 from quantkit.chat import CARD_MAX_NEW_TOKENS, CARD_TEMPERATURE, chat_template, stop_token_ids
 from quantkit.errors import QuantkitError
+from quantkit.fingerprint import sha256_file
 
 MANIFEST = "quantkit.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -110,18 +110,10 @@ def write_generation_config(tokenizer: PreTrainedTokenizerBase, dst: Path) -> No
     ).save_pretrained(dst)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` except the manifest, by relative path."""
     return {
-        str(path.relative_to(folder)): sha256(path)
+        str(path.relative_to(folder)): sha256_file(path)
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }
@@ -145,6 +137,23 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         raise QuantkitError(f"{folder} has no {MANIFEST}: not a quantkit artifact")
     return json.loads(path.read_text())
+
+
+def source_lines(manifest: dict) -> list[str]:
+    """What `quantkit verify` shows of an artifact's source: where it came from and each weight file's sha256."""
+    source = manifest.get("source")
+    if not isinstance(source, dict):  # artifacts made before sources were recorded name the spec only
+        return [f"source: {source}"] if source else []
+    if "preset" in source:
+        return [f"source: preset {source['model']} (seeded random weights)"]
+    if "hub_id" in source:
+        pinned = f" (revision {source['revision']})" if source["revision"] else " (default branch)"
+        lines = [f"source: hub {source['hub_id']} at commit {source['commit']}{pinned}"]
+    else:
+        lines = [f"source: folder {source['folder']}"]
+    lines += [f"source weights ({source['weights_format']}): {name} sha256 {digest}"
+              for name, digest in source["weights_sha256"].items()]
+    return lines
 
 
 def verify(folder: Path) -> list[str]:

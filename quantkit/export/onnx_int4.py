@@ -48,7 +48,7 @@ from quantkit.export.onnx import (
     validation_section,
     write_sidecar_files,
 )
-from quantkit.sources import default_device, load_tokenizer
+from quantkit.sources import default_device, load_tokenizer, source_record
 
 FORMAT = "onnx-int4"
 # The graph dtype (activations, KV cache, scales, unquantized weights): fp16 as in GPTQ, for CUDA; fp32 for
@@ -309,7 +309,8 @@ def export_from_gptq(gptq: Path, source: str, out: Path, options: Int4Options, o
         metrics = {"seconds": round(time.perf_counter() - started, 1),
                    "data_bytes": (staging / onnx_graph.DATA_FILE).stat().st_size}
         (staging / "README.md").write_text(model_card(source, quantization, options, validation, metrics))
-        write_manifest(staging, {"format": FORMAT, "source": source, "options": {**asdict(options), "opset": OPSET},
+        write_manifest(staging, {"format": FORMAT, "source": source_record(source),
+                                 "options": {**asdict(options), "opset": OPSET},
                                  "quantization_config": quantization, "versions": versions(),
                                  "validation": validation, "metrics": metrics, **extra})
     return out
