@@ -27,7 +27,6 @@ covers every setting, the model config, the corpus bytes, the tokenizer file and
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -49,7 +48,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerB
 
 from quantkit.chat import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN, render_prompt
 from quantkit.errors import QuantkitError
-from quantkit.paths import cache_dir, data_dir
+from quantkit.paths import cache_dir, data_dir, file_lock
 from quantkit.sources import STABLELM_TOKENIZER, RandomShape, load_tokenizer
 
 VERSION = 1  # bump when the training code changes in a way the settings do not show
@@ -101,7 +100,7 @@ def tiny_folder(tokenizer: str = "own") -> Path:
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir() / f"tiny-{tokenizer}-{digest}"
-    with _lock(folder.with_name(folder.name + ".lock")):
+    with file_lock(folder.with_name(folder.name + ".lock")):
         if not folder.is_dir():
             with _staged(folder) as staging:
                 _build(staging, tokenizer, settings, train_text, heldout_text, key)
@@ -135,17 +134,6 @@ def _stablelm_tokenizer_file() -> Path:
             "which was not found (set QUANTKIT_DATA to the shared data folder, or use the 'own' tokenizer)"
         )
     return file
-
-
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock across processes, so concurrent first uses train once and the others wait."""
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager

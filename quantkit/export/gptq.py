@@ -26,7 +26,7 @@ from transformers import AutoConfig, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrain
 from quantkit.agreement import Agreement
 from quantkit.attention import ATTN_IMPLEMENTATION
 from quantkit.backends import open_backend
-from quantkit.backends.gptq import open_gptq
+from quantkit.backends.gptq import BITS, open_gptq
 from quantkit.calib import (
     DEFAULT_CALIB,
     CalibSource,
@@ -52,7 +52,6 @@ from quantkit.report import method_for
 from quantkit.sources import TINY_PRESETS, default_device, load_model, load_tokenizer, model_folder, parse_spec
 
 METHODS = ("gptq", "rtn")
-BITS = (2, 3, 4, 8)
 QUANTIZE_BATCH = 16  # rows per calibration forward: same bytes as smaller batches, fewer slow hooked passes
 MAX_SHARD_SIZE = "4GB"
 BLOCK_PACK_MIN_PARAMS = 10**9  # below this, packing is seconds and not worth gptqmodel's 2-minute g++ build
