@@ -7,7 +7,8 @@ import sys
 from typing import Callable
 
 from quantkit.backends import Backend, open_backend
-from quantkit.chat import Sampler, render_prompt, stop_token_ids
+from quantkit.chat import Sampler, fit_history, render_prompt, stop_token_ids
+from quantkit.errors import QuantkitError
 from quantkit.runner import Generation, generate
 
 
@@ -39,10 +40,10 @@ def sampler_from_args(args: argparse.Namespace, backend: Backend) -> Sampler:
 
 
 def answer(
-    backend: Backend, prompt_text: str, args: argparse.Namespace, on_token: Callable[[int, int], None] | None = None
+    backend: Backend, prompt_ids: list[int], args: argparse.Namespace,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> Generation:
-    """Run the shared loop on one rendered prompt."""
-    prompt_ids = backend.tokenizer(prompt_text)["input_ids"]
+    """Run the shared loop on one tokenized prompt."""
     (result,) = generate(
         backend,
         [prompt_ids],
@@ -50,6 +51,7 @@ def answer(
         sampler=sampler_from_args(args, backend),
         stop_ids=stop_token_ids(backend.tokenizer),
         on_token=on_token,
+        cap_to_context=args.fit_context,
     )
     return result
 
@@ -65,6 +67,8 @@ def print_timings(result: Generation, backend: Backend) -> None:
 
 
 def describe_stop(result: Generation, backend: Backend) -> str:
+    if result.stop_reason == "context":
+        return f"context limit ({backend.max_positions} positions)"
     if result.stop_token is None:
         return "length limit"
     return f"{backend.tokenizer.convert_ids_to_tokens(result.stop_token)} ({result.stop_token})"
@@ -75,7 +79,7 @@ def generate_answer(args: argparse.Namespace) -> dict:
     backend = open_backend(args.model, dtype=args.dtype, device=args.device)
     prompt_text = render_prompt(args.prompt, system=args.system)
     stream = None if args.json else TextStream(backend.tokenizer, lambda s: print(s, end="", flush=True))
-    result = answer(backend, prompt_text, args, on_token=stream)
+    result = answer(backend, backend.tokenizer(prompt_text)["input_ids"], args, on_token=stream)
     if not args.json:
         print()
         print_timings(result, backend)
@@ -93,7 +97,9 @@ def generate_answer(args: argparse.Namespace) -> dict:
 
 
 def chat(args: argparse.Namespace) -> int:
-    """`quantkit chat`: multi-turn, streaming; an empty line or EOF ends it."""
+    """`quantkit chat`: multi-turn, streaming; an empty line or EOF ends it. The conversation stays within the
+    model's positions: the oldest whole turns are dropped when the next one would not fit (the system prompt
+    stays), and a message that cannot fit alone is refused."""
     backend = open_backend(args.model, dtype=args.dtype, device=args.device)
     history: list[tuple[str, str]] = []
     print(f"chatting with {args.model} ({backend.name}); empty line or Ctrl-D ends", file=sys.stderr)
@@ -104,9 +110,19 @@ def chat(args: argparse.Namespace) -> int:
             break
         if not user:
             break
+        try:
+            prompt_ids, dropped = fit_history(backend.tokenizer, user, history, backend.max_positions,
+                                              args.max_new_tokens, system=args.system)
+        except QuantkitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        if dropped:
+            history = history[dropped:]
+            print(f"(dropped the oldest {dropped} turn(s) to stay within the model's {backend.max_positions} "
+                  "positions)", file=sys.stderr)
         print("stablelm> ", end="", flush=True)
         stream = TextStream(backend.tokenizer, lambda s: print(s, end="", flush=True))
-        result = answer(backend, render_prompt(user, system=args.system, history=history), args, on_token=stream)
+        result = answer(backend, prompt_ids, args, on_token=stream)
         print()
         print_timings(result, backend)
         history.append((user, stream.shown))
@@ -193,8 +209,10 @@ def report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from quantkit.machine import machine_info, machine_line
+    from quantkit.paths import output_folder
     from quantkit.report import measure_models, write_report
 
+    output_folder(Path(args.results))  # an unwritable folder fails now, not after the measurements
     settings = bench_settings(args)
     request = eval_request(args, reference=args.models[0])  # the reference row checks itself: KL 0, 100 %
     rows = measure_models(args.models, request, settings)

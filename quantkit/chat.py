@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from quantkit.errors import QuantkitError
+
 SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN = "<|SYSTEM|>", "<|USER|>", "<|ASSISTANT|>"
 
 # The model card's system prompt, verbatim: five lines, each ending in a line break.
@@ -39,6 +41,22 @@ def render_prompt(
     """
     turns = "".join(f"{USER_TOKEN}{u}{ASSISTANT_TOKEN}{a}" for u, a in history)
     return f"{SYSTEM_TOKEN}{system}{turns}{USER_TOKEN}{user}{ASSISTANT_TOKEN}"
+
+
+def fit_history(
+    tokenizer, user: str, history: Sequence[tuple[str, str]], max_positions: int, max_new_tokens: int,
+    system: str = STABLELM_SYSTEM_PROMPT,
+) -> tuple[list[int], int]:
+    """Token ids of the prompt for `user` after the most recent whole turns of `history` that leave
+    `max_new_tokens` of the model's `max_positions`, and how many of the oldest turns were dropped. The system
+    prompt is always kept; a message that does not fit even alone is a QuantkitError."""
+    budget = max_positions - max_new_tokens
+    for dropped in range(len(history) + 1):
+        ids = tokenizer(render_prompt(user, system, history[dropped:]))["input_ids"]
+        if len(ids) <= budget:
+            return ids, dropped
+    raise QuantkitError(f"message too long: with the system prompt it takes {len(ids)} tokens, and with "
+                        f"max_new_tokens {max_new_tokens} the model's {max_positions} positions leave {budget}")
 
 
 def stop_token_ids(tokenizer) -> list[int]:

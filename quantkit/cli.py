@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Sequence
 
@@ -30,11 +31,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def device_name(text: str) -> str:
+    """cpu, cuda or cuda:N: the devices every backend runs on."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device '{text}' (expected cpu, cuda or cuda:N)")
+    return text
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--revision", help=REVISION_HELP)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="PyTorch dtype (default: fp16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +50,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--system", default=STABLELM_SYSTEM_PROMPT, help="system prompt (default: the model card's)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=CARD_MAX_NEW_TOKENS, help="default: %(default)s")
+    parser.add_argument("--fit-context", action="store_true",
+                        help="cap --max-new-tokens to what the model's positions leave beside the prompt (stop "
+                             "reason: context) instead of refusing the request")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--greedy", action="store_true", help="argmax decoding")
     group.add_argument("--temperature", type=float, default=CARD_TEMPERATURE, help="default: %(default)s (the card's)")
@@ -89,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--name", required=True, help="writes RESULTS/NAME.json, .md and .png")
     report.add_argument("--results", default="benchmarks/results", help="output folder (default: %(default)s)")
     report.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="PyTorch dtype of non-artifact models")
-    report.add_argument("--device", help="cpu or cuda")
+    report.add_argument("--device", type=device_name, help="cpu or cuda")
     add_eval_args(report, reference=False)
     add_bench_args(report)
     export = commands.add_parser("export", help="write a GPTQ or ONNX artifact folder",
@@ -100,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--revision", help=REVISION_HELP)
     export.add_argument("--out", required=True, help="artifact folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    export.add_argument("--device", help="cuda (default when present) or cpu")
+    export.add_argument("--device", type=device_name, help="cuda (default when present) or cpu")
     gptq = export.add_argument_group("gptq / onnx-int4")
     gptq.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="rtn = round-to-nearest baseline")
     gptq.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
@@ -175,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QuantkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine, not the input: a full disk or an unwritable path mid-way
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -80,8 +80,6 @@ def load_dataset(spec: str) -> Dataset:
         return Dataset(spec, dialogues=records_to_dialogues(hub_records(spec[4:]), spec))
     path = Path(spec).expanduser()
     if path.name.endswith(TEXT_SUFFIXES) or path.name.endswith(RECORD_SUFFIXES):
-        if not path.is_file():
-            raise QuantkitError(f"dataset file not found: {path}")
         if path.name.endswith(TEXT_SUFFIXES):
             return Dataset(spec, text=read_text(path))
         return Dataset(spec, dialogues=records_to_dialogues(read_records(path), spec))
@@ -91,19 +89,31 @@ def load_dataset(spec: str) -> Dataset:
     )
 
 
-def read_text(path: Path) -> str:
+def check_file(path: Path) -> None:
+    if path.is_dir():
+        raise QuantkitError(f"dataset {path} is a folder, not a file")
     if not path.is_file():
         raise QuantkitError(f"dataset file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+
+
+def read_text(path: Path) -> str:
+    """The decoded contents of a (gzipped) dataset file; a missing, empty or non-UTF-8 file is a one-line error."""
+    check_file(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise QuantkitError(f"dataset {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise QuantkitError(f"dataset {path} is not a complete gzip file: {exc}") from None
     if not text.strip():
         raise QuantkitError(f"dataset is empty: {path}")
     return text
 
 
 def read_records(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        raw = handle.read()
+    raw = read_text(path)
     try:
         if path.name.endswith((".jsonl", ".jsonl.gz")):
             return [json.loads(line) for line in raw.splitlines() if line.strip()]

@@ -6,24 +6,27 @@ rerun after an interruption resumes where it stopped and a changed option re-run
 Artifacts are written to a temporary folder and renamed into place, so a kill never leaves a half-written one.
 Every stage runs in its own process (killed with the run), which also makes its peak RSS its own: each stage's
 seconds and peak memory go into the table's JSON (`stages` of each row).
+A run holds a lock on each recipe's folder while it works there: a second `quantkit run` on the same `--out`
+waits for it, then finds the stages up to date, so concurrent runs never interleave their writes.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from quantkit.errors import QuantkitError
 from quantkit.fingerprint import fingerprint, source_fingerprint
 from quantkit.formats import get_format
 from quantkit.export.artifact import verify, versions
+from quantkit.paths import atomic_write, file_lock, output_folder
 from quantkit.recipe import Recipe, load_recipe
-from quantkit.sources import with_revision
 from quantkit.report import EvalRequest, evaluate_backend, model_size_bytes, run_isolated, write_report
 from quantkit.bench import BenchSettings, benchmark
+from quantkit.sources import model_folder, with_revision
 
 RESULTS = Path("benchmarks/results")
 Log = Callable[[str], None]
@@ -41,9 +44,15 @@ class StageBook:
 
     def mark(self, stage: str, inputs: str) -> None:
         self.done[stage] = inputs
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.done, indent=2))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.done)
+
+
+@contextmanager
+def stage_folder(folder: Path, log: Log) -> Iterator[Path]:
+    """`folder`, created and locked against other runs for the duration (they wait here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder / ".lock", on_wait=lambda: log(f"  waiting for another quantkit run using {folder}")):
+        yield folder
 
 
 def source_spec(recipe: Recipe) -> str:
@@ -103,9 +112,7 @@ def stage_line(stage: str, figures: dict) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
 def cached_stage(book: StageBook, stage: str, inputs: str, output: Path, function, args: tuple, log: Log) -> dict:
@@ -135,8 +142,11 @@ def measure_rows(name: str, spec: str, folder: Path, book: StageBook, upstream: 
 
 
 def run_recipe(recipe: Recipe, out_root: Path, force: bool, log: Log) -> dict:
-    folder = out_root / recipe.name
-    folder.mkdir(parents=True, exist_ok=True)
+    with stage_folder(out_root / recipe.name, log) as folder:
+        return run_recipe_in(recipe, folder, force, log)
+
+
+def run_recipe_in(recipe: Recipe, folder: Path, force: bool, log: Log) -> dict:
     if force:
         (folder / "stages.json").unlink(missing_ok=True)
     book = StageBook(folder / "stages.json")
@@ -158,12 +168,11 @@ def run_recipe(recipe: Recipe, out_root: Path, force: bool, log: Log) -> dict:
 
 def reference_row(recipe: Recipe, out_root: Path, log: Log) -> dict:
     """The source model measured once per run (it checks itself: KL 0, top-1 100 %)."""
-    folder = out_root / f"reference-{fingerprint(recipe.source)}"
-    folder.mkdir(parents=True, exist_ok=True)
     spec = source_spec(recipe)
     log(f"reference ({spec})")
-    return measure_rows("reference", spec, folder, StageBook(folder / "stages.json"), source_fingerprint(spec),
-                        eval_request(recipe), bench_settings(recipe), log)
+    with stage_folder(out_root / f"reference-{fingerprint(recipe.source)}", log) as folder:
+        return measure_rows("reference", spec, folder, StageBook(folder / "stages.json"), source_fingerprint(spec),
+                            eval_request(recipe), bench_settings(recipe), log)
 
 
 def run(recipe_paths: list[str], out_root: Path, force: bool = False, results: Path = RESULTS,
@@ -175,6 +184,9 @@ def run(recipe_paths: list[str], out_root: Path, force: bool = False, results: P
     shared = {(source_spec(r), r.source["dtype"], json.dumps(r.eval), json.dumps(r.bench)) for r in recipes}
     if len(shared) > 1:
         raise QuantkitError("recipes in one run must share source, eval and bench settings (run them separately)")
+    model_folder(source_spec(recipes[0]))  # a missing or broken local source fails here, before any folder is made
+    output_folder(out_root)
+    output_folder(results)
     rows = [reference_row(recipes[0], out_root, log)]
     rows += [run_recipe(recipe, out_root, force, log) for recipe in recipes]
     from quantkit.machine import machine_info, machine_line

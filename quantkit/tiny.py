@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -48,7 +47,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerB
 from quantkit.chat import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN, chat_template
 from quantkit.corpus import build_corpus
 from quantkit.errors import QuantkitError
-from quantkit.paths import cache_dir, data_dir
+from quantkit.paths import cache_dir, data_dir, file_lock
 from quantkit.shapes import STABLELM_TOKENIZER, RandomShape
 
 VERSION = 2  # bump when the training code changes in a way the settings do not show
@@ -106,7 +105,7 @@ def cached_folder(variant: str, settings: Settings) -> Path:
     key = training_key(variant, settings)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir() / f"tiny-{variant}-{digest}"
-    with _lock(folder.with_name(folder.name + ".lock")):
+    with file_lock(folder.with_name(folder.name + ".lock")):
         if not folder.is_dir():
             with _staged(folder) as staging:
                 _build(staging, variant, settings, key)
@@ -146,17 +145,6 @@ def _stablelm_tokenizer_file() -> Path:
             "which was not found (set QUANTKIT_DATA to the shared data folder, or use the 'own' tokenizer)"
         )
     return file
-
-
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock across processes, so concurrent first uses train once and the others wait."""
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -233,6 +233,8 @@ def test_tokenizer_and_generation_config(gptq_folder):
     backend = open_gptq(gptq_folder, "cpu")
     generation = json.loads((gptq_folder / "generation_config.json").read_text())
     assert generation["eos_token_id"] == stop_token_ids(backend.tokenizer)
+    assert backend.max_positions == json.loads((gptq_folder / "config.json").read_text())[
+        "max_position_embeddings"] == 256  # the runner's context limit comes from the artifact's config
 
 
 def test_plain_transformers_reload_matches_backend(gptq_folder, heldout_tokens):

@@ -38,8 +38,8 @@ def exports(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_fp32(exports) -> Path:
-    return export_onnx("tiny", exports / "tiny-fp32", OnnxOptions(dtype="fp32", device="cpu"))
+def tiny_fp32(tiny_onnx_fp32) -> Path:
+    return tiny_onnx_fp32
 
 
 @pytest.fixture(scope="module")

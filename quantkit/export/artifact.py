@@ -14,6 +14,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizer
 from quantkit.chat import CARD_MAX_NEW_TOKENS, CARD_TEMPERATURE, chat_template, stop_token_ids
 from quantkit.errors import QuantkitError
 from quantkit.fingerprint import sha256_file
+from quantkit.paths import output_folder
 
 MANIFEST = "quantkit.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -29,7 +30,7 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not overwrite:
         raise QuantkitError(f"output folder exists: {out} (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(out.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield staging

@@ -27,7 +27,7 @@ from transformers import AutoConfig, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrain
 from quantkit.agreement import Agreement
 from quantkit.attention import ATTN_IMPLEMENTATION
 from quantkit.backends import open_backend
-from quantkit.backends.gptq import open_gptq
+from quantkit.backends.gptq import BITS, open_gptq
 from quantkit.calib import (
     DEFAULT_CALIB,
     CalibSource,
@@ -65,7 +65,6 @@ from quantkit.sources import (
 )
 
 METHODS = ("gptq", "rtn")
-BITS = (2, 3, 4, 8)
 QUANTIZE_BATCH = 16  # rows per calibration forward: same bytes as smaller batches, fewer slow hooked passes
 MAX_SHARD_SIZE = "4GB"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

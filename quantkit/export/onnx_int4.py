@@ -48,6 +48,7 @@ from quantkit.export.onnx import (
     validation_section,
     write_sidecar_files,
 )
+from quantkit.paths import output_folder
 from quantkit.sources import default_device, load_tokenizer, source_record
 
 FORMAT = "onnx-int4"
@@ -327,7 +328,7 @@ def export_onnx_int4(model: str, out: Path, options: Int4Options = Int4Options()
         return export_from_gptq(Path(model), model, out, options, overwrite, device, extra)
     if out.exists() and not overwrite:  # fail before the long quantization, not after it
         raise QuantkitError(f"output folder exists: {out} (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(out.parent)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.gptq-", dir=out.parent) as work:
         gptq = export_gptq(model, Path(work) / "gptq", quantize)
         extra["gptq"] = {"options": asdict(quantize), "manifest": json.loads((gptq / "quantkit.json").read_text())}
