@@ -17,4 +17,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-.PHONY: install demo test
+# Retrain the committed tiny StableLM into quantkit/tiny_model/ (fixed seed, one thread; about 50 min of one core).
+tiny-model: install
+	$(PY) -m quantkit.tiny own --out quantkit/tiny_model
+
+.PHONY: install demo test tiny-model

@@ -40,20 +40,26 @@ def sampler_from_args(args: argparse.Namespace, backend: Backend) -> Sampler:
 
 
 def answer(
-    backend: Backend, prompt_ids: list[int], args: argparse.Namespace,
+    backend: Backend, prompt_ids: list[int], sampler: Sampler, max_new_tokens: int, fit_context: bool = False,
     on_token: Callable[[int, int], None] | None = None,
 ) -> Generation:
-    """Run the shared loop on one tokenized prompt."""
+    """Run the shared loop on one tokenized prompt, stopping on the card's stop tokens."""
     (result,) = generate(
         backend,
         [prompt_ids],
-        max_new_tokens=args.max_new_tokens,
-        sampler=sampler_from_args(args, backend),
+        max_new_tokens=max_new_tokens,
+        sampler=sampler,
         stop_ids=stop_token_ids(backend.tokenizer),
         on_token=on_token,
-        cap_to_context=args.fit_context,
+        cap_to_context=fit_context,
     )
     return result
+
+
+def answer_from_args(backend: Backend, prompt_ids: list[int], args: argparse.Namespace,
+                     on_token: Callable[[int, int], None] | None = None) -> Generation:
+    return answer(backend, prompt_ids, sampler_from_args(args, backend), args.max_new_tokens, args.fit_context,
+                  on_token)
 
 
 def print_timings(result: Generation, backend: Backend) -> None:
@@ -79,7 +85,7 @@ def generate_answer(args: argparse.Namespace) -> dict:
     backend = open_backend(args.model, dtype=args.dtype, device=args.device)
     prompt_text = render_prompt(args.prompt, system=args.system)
     stream = None if args.json else TextStream(backend.tokenizer, lambda s: print(s, end="", flush=True))
-    result = answer(backend, backend.tokenizer(prompt_text)["input_ids"], args, on_token=stream)
+    result = answer_from_args(backend, backend.tokenizer(prompt_text)["input_ids"], args, on_token=stream)
     if not args.json:
         print()
         print_timings(result, backend)
@@ -122,7 +128,7 @@ def chat(args: argparse.Namespace) -> int:
                   "positions)", file=sys.stderr)
         print("stablelm> ", end="", flush=True)
         stream = TextStream(backend.tokenizer, lambda s: print(s, end="", flush=True))
-        result = answer(backend, prompt_ids, args, on_token=stream)
+        result = answer_from_args(backend, prompt_ids, args, on_token=stream)
         print()
         print_timings(result, backend)
         history.append((user, stream.shown))
@@ -130,19 +136,28 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def demo(prompt: str, out: str = "out", results: str = "benchmarks/results") -> int:
-    """`quantkit demo`: the tiny StableLM end to end: train or reuse it, answer one prompt through the runner,
-    then run the tiny recipes (GPTQ, RTN, ONNX: export, validate, evaluate, benchmark) and print the table."""
+    """`quantkit demo`: the tiny StableLM end to end: answer one prompt through the runner (greedy, streamed), then
+    run the tiny recipes (GPTQ, RTN, ONNX: export, validate, evaluate, benchmark), one line per stage, and print the
+    table. Libraries' output goes to each stage's log under `out`."""
     from pathlib import Path
 
-    from quantkit.cli import build_parser
+    from transformers.utils import logging as transformers_logging
+
+    from quantkit.chat import CARD_MAX_NEW_TOKENS
     from quantkit.paths import PROJECT_ROOT
     from quantkit.pipeline import run
 
-    args = build_parser().parse_args(["generate", "--model", "tiny", "--prompt", prompt, "--greedy"])
+    transformers_logging.disable_progress_bar()
+    backend = open_backend("tiny")
     print(f"user: {prompt}\nassistant: ", end="", flush=True)
-    generate_answer(args)
+    stream = TextStream(backend.tokenizer, lambda s: print(s, end="", flush=True))
+    sampler = Sampler(vocab_limit=len(backend.tokenizer))
+    answer(backend, backend.tokenizer(render_prompt(prompt))["input_ids"], sampler, CARD_MAX_NEW_TOKENS,
+           on_token=stream)
+    print("\n")
     recipes = sorted(str(p) for p in (PROJECT_ROOT / "recipes").glob("tiny-*.toml"))
     paths = run(recipes, Path(out), results=Path(results), table_name="tiny-cpu")
+    print()
     print(paths["md"].read_text())
     return 0
 

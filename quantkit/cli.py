@@ -1,4 +1,4 @@
-"""`quantkit` command line: argument parsing only; every command calls a function in the package."""
+"""The `quantkit` command line (argument parsing only; each command calls a function in quantkit.app)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,23 @@ MODEL_HELP = (
     "(tiny, tiny-stablelm, stablelm-200m, stablelm-3b, stablelm-7b; add :layers=N to cut depth)"
 )
 REVISION_HELP = "hub commit sha, tag or branch to read --model at (the manifest records the commit it resolved to)"
+
+
+DEMO_PROMPT = "How do I plant tomatoes?"  # the tiny model's strongest ground: HH-style advice
+DESCRIPTION = (
+    "Turn StableLM-Tuned-Alpha checkpoints (GPT-NeoX, 3B / 7B) into GPTQ 4-bit and ONNX artifacts that vLLM, "
+    "transformers, ONNX Runtime and onnxruntime-genai load, and measure what each costs and loses against the "
+    "PyTorch fp16 reference: perplexity, KL divergence, top-1 agreement, prefill / decode speed, memory."
+)
+EXAMPLES = """main commands:
+  quantkit demo                                      the built-in tiny StableLM end to end
+  quantkit generate --model tiny --prompt "What is GPTQ?"
+  quantkit export --fmt gptq --model stabilityai/stablelm-tuned-alpha-7b --out stablelm-7b-gptq
+  quantkit export --fmt onnx --model /models/stablelm-tuned-alpha-3b --out stablelm-3b-onnx
+  quantkit run recipes/stablelm-tuned-alpha-7b-gptq-4bit.toml    export, validate, evaluate, benchmark, table
+  quantkit eval --model ARTIFACT --data wikitext2-test --reference SOURCE
+  quantkit verify ARTIFACT                           re-hash it and check what its loaders expect
+run `quantkit COMMAND --help` for a command's options."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,11 +79,12 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="quantkit", description=__doc__)
+    parser = Parser(prog="quantkit", description=DESCRIPTION, epilog=EXAMPLES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="end to end on the built-in tiny StableLM: chat, export, eval, bench, table")
-    demo.add_argument("--prompt", default="Explain the assert statement.")
+    demo.add_argument("--prompt", default=DEMO_PROMPT, help="the question (default: %(default)s)")
     demo.add_argument("--out", default="out", help="working folder for artifacts (default: %(default)s)")
     demo.add_argument("--results", default="benchmarks/results", help="where the table goes (default: %(default)s)")
 

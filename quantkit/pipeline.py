@@ -5,7 +5,8 @@ Each stage records a fingerprint of its inputs (recipe content, source files, to
 rerun after an interruption resumes where it stopped and a changed option re-runs only what depends on it.
 Artifacts are written to a temporary folder and renamed into place, so a kill never leaves a half-written one.
 Every stage runs in its own process (killed with the run), which also makes its peak RSS its own: each stage's
-seconds and peak memory go into the table's JSON (`stages` of each row).
+seconds and peak memory go into the table's JSON (`stages` of each row). What a stage and its libraries print goes
+to `<out>/<row>/<stage>.log`; the terminal gets one line per stage, and a failure names the log.
 A run holds a lock on each recipe's folder while it works there: a second `quantkit run` on the same `--out`
 waits for it, then finds the stages up to date, so concurrent runs never interleave their writes.
 """
@@ -100,41 +101,60 @@ def measure_stage(spec: str, request: EvalRequest, settings: BenchSettings | Non
     return {**benchmark(backend, settings), "size_bytes": model_size_bytes(spec, backend)}
 
 
-def timed_stage(function, *args) -> tuple[dict, dict]:
-    """`function(*args)` in its own process: (its result, {seconds, peak_rss_bytes})."""
+def timed_stage(function, args: tuple, log_file: Path) -> tuple[dict, dict]:
+    """`function(*args)` in its own process, its output going to `log_file`: (its result, {seconds, peak_rss_bytes}).
+    A failure is one line naming the log."""
     start = time.perf_counter()
-    result, peak = run_isolated(function, *args)
+    try:
+        result, peak = run_isolated(function, *args, log_file=log_file)
+    except QuantkitError as exc:
+        raise QuantkitError(f"{exc} (log: {log_file})") from None
+    except Exception as exc:  # a bug or a library failure in the stage: its traceback is in the log
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise QuantkitError(f"{log_file.stem} failed: {type(exc).__name__}: {first} (traceback in {log_file})") from None
     return result, {"seconds": round(time.perf_counter() - start, 2), "peak_rss_bytes": peak}
 
 
-def stage_line(stage: str, figures: dict) -> str:
-    return f"  {stage}: done in {figures['seconds']:.1f} s, peak RSS {figures['peak_rss_bytes'] / 2**30:.2f} GiB"
+def stage_line(row: str, stage: str, figures: dict | None, verdict: str) -> str:
+    """One line per stage: row, stage, seconds, peak memory, verdict (or "up to date")."""
+    if figures is None:
+        return f"{row:<18} {stage:<7} {'':>9} {'':>9}  up to date ({verdict})"
+    return (f"{row:<18} {stage:<7} {figures['seconds']:7.1f} s {figures['peak_rss_bytes'] / 2**30:5.2f} GiB  "
+            f"{verdict}")
+
+
+def verdict(stage: str, result: dict) -> str:
+    if stage == "eval":
+        return f"perplexity {result['perplexity']['token_perplexity']:.3f}"
+    batch = min(result["decode"], key=int)
+    return f"decode {result['decode'][batch]['median']:.1f} tok/s at batch {batch}"
 
 
 def write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
-def cached_stage(book: StageBook, stage: str, inputs: str, output: Path, function, args: tuple, log: Log) -> dict:
+def cached_stage(row: str, book: StageBook, stage: str, inputs: str, output: Path, function, args: tuple,
+                 log: Log) -> dict:
     """The stage's recorded result when its inputs are unchanged, else a fresh run of `function(*args)`."""
     if book.is_current(stage, inputs) and output.is_file():
-        log(f"  {stage}: up to date")
-        return json.loads(output.read_text())
-    log(f"  {stage}: running")
-    result, figures = timed_stage(function, *args)
+        result = json.loads(output.read_text())
+        log(stage_line(row, stage, None, verdict(stage, result)))
+        return result
+    result, figures = timed_stage(function, args, output.with_suffix(".log"))
     result["stage"] = figures
     write_json(output, result)
     book.mark(stage, inputs)
-    log(stage_line(stage, figures))
+    log(stage_line(row, stage, figures, verdict(stage, result)))
     return result
 
 
 def measure_rows(name: str, spec: str, folder: Path, book: StageBook, upstream: str, request: EvalRequest,
                  settings: BenchSettings, log: Log, stages: dict | None = None) -> dict:
     """The eval and bench stages of one model; a table row (with `stages`: each stage's seconds and peak RSS)."""
-    ev = cached_stage(book, "eval", fingerprint(upstream, dataclasses.asdict(request)), folder / "eval.json",
+    ev = cached_stage(name, book, "eval", fingerprint(upstream, dataclasses.asdict(request)), folder / "eval.json",
                       measure_stage, (spec, request, None), log)
-    bench = cached_stage(book, "bench", fingerprint(upstream, dataclasses.asdict(settings)), folder / "bench.json",
+    bench = cached_stage(name, book, "bench", fingerprint(upstream, dataclasses.asdict(settings)), folder / "bench.json",
                          measure_stage, (spec, request, settings), log)
     stages = {**(stages or {}), "eval": ev.pop("stage", None), "bench": bench.pop("stage", None)}
     return {"model": spec, "name": name, "backend": ev["backend"], "size_bytes": bench["size_bytes"],
@@ -151,17 +171,16 @@ def run_recipe_in(recipe: Recipe, folder: Path, force: bool, log: Log) -> dict:
         (folder / "stages.json").unlink(missing_ok=True)
     book = StageBook(folder / "stages.json")
     artifact = folder / "artifact"
-    log(f"{recipe.name} ({recipe.export['format']} of {source_spec(recipe)})")
     export_inputs = fingerprint(source_fingerprint(source_spec(recipe)), recipe.export, versions())
     record = folder / "export.json"
+    done = f"{recipe.export['format']} of {source_spec(recipe)}, validated"
     if book.is_current("export", export_inputs) and artifact.is_dir() and not verify(artifact) and record.is_file():
-        log("  export: up to date (manifest verifies)")
+        log(stage_line(recipe.name, "export", None, f"{done}, manifest verifies"))
     else:
-        log("  export: running")
-        _, figures = timed_stage(export_artifact, recipe, artifact)
+        _, figures = timed_stage(export_artifact, (recipe, artifact), folder / "export.log")
         write_json(record, figures)
         book.mark("export", export_inputs)
-        log(stage_line("export", figures))
+        log(stage_line(recipe.name, "export", figures, done))
     return measure_rows(recipe.name, str(artifact), folder, book, export_inputs, eval_request(recipe),
                         bench_settings(recipe), log, stages={"export": json.loads(record.read_text())})
 
@@ -169,7 +188,6 @@ def run_recipe_in(recipe: Recipe, folder: Path, force: bool, log: Log) -> dict:
 def reference_row(recipe: Recipe, out_root: Path, log: Log) -> dict:
     """The source model measured once per run (it checks itself: KL 0, top-1 100 %)."""
     spec = source_spec(recipe)
-    log(f"reference ({spec})")
     with stage_folder(out_root / f"reference-{fingerprint(recipe.source)}", log) as folder:
         return measure_rows("reference", spec, folder, StageBook(folder / "stages.json"), source_fingerprint(spec),
                             eval_request(recipe), bench_settings(recipe), log)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import resource
 import shlex
 import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,22 +96,39 @@ def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def worker_setup(log_file: str | None) -> None:
+    """Pool initializer: die with the parent; with `log_file`, the worker's stdout and stderr (its libraries'
+    banners and progress bars included) go there."""
+    die_with_parent()
+    if log_file:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
 def call_measured(function, args: tuple) -> tuple:
-    """In the worker: the result and the worker's peak RSS in bytes."""
-    result = function(*args)
+    """In the worker: the result and the worker's peak RSS in bytes (a failure's traceback is printed, into the
+    log when there is one)."""
+    try:
+        result = function(*args)
+    except BaseException:
+        traceback.print_exc()
+        raise
     return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_isolated(function, *args) -> tuple:
+def run_isolated(function, *args, log_file: Path | None = None) -> tuple:
     """`function(*args)` in a spawned process, so its peak memory and allocator state are its own; returns
-    (result, that process's peak RSS in bytes). A process that dies (the kernel's OOM killer, a crash) is a
-    one-line error, not a hang."""
+    (result, that process's peak RSS in bytes). Its output goes to `log_file` when given. A process that dies (the
+    kernel's OOM killer, a crash) is a one-line error, not a hang."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, initializer=die_with_parent) as pool:
+    setup = (str(log_file) if log_file else None,)
+    with ProcessPoolExecutor(1, mp_context=context, initializer=worker_setup, initargs=setup) as pool:
         try:
             return pool.submit(call_measured, function, args).result()
         except BrokenProcessPool:

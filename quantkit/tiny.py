@@ -77,7 +77,7 @@ class Settings:
 VARIANTS = {
     "own": Settings(vocab=8000, hidden=256, layers=4, heads=4, context=256, batch=16, steps=1400, lr=3e-3, warmup=50),
     # The 50304-row head makes a token dearer even at half the width: trained on first use, so kept short.
-    "stablelm": Settings(vocab=0, hidden=128, layers=2, heads=4, context=256, batch=8, steps=160, lr=6e-3, warmup=10),
+    "stablelm": Settings(vocab=0, hidden=128, layers=2, heads=4, context=256, batch=8, steps=64, lr=1e-2, warmup=6),
 }
 
 

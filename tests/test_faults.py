@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_two_concurrent_runs_on_one_out_run_each_stage_once(tmp_path):
     logs = [run.communicate(timeout=600)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], logs
     assert verify(out / "shared" / "artifact") == []
-    assert sum(log.count(": running") for log in logs) == 5  # reference eval/bench, then export/eval/bench
+    assert sum(len(re.findall(r"^\S+ +(?:export|eval|bench) +\d+\.\d s", log, re.MULTILINE)) for log in logs) == 5  # reference eval/bench, then export/eval/bench
     assert any("waiting for another quantkit run" in log for log in logs)
     assert set(json.loads((out / "shared" / "stages.json").read_text())) == {"export", "eval", "bench"}
     assert not list(out.rglob("*.tmp*"))

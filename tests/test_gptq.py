@@ -31,9 +31,7 @@ from quantkit.export.artifact import verify
 from quantkit.export.gptq import GptqOptions, export_gptq
 from quantkit.sources import load_tokenizer, model_folder
 
-# Group 128 (the default): the tiny model's perplexity barely moves under 4-bit noise (its layers add little to
-# what the unquantized embeddings give), and with small groups RTN's noise happens to lower it; at 128 RTN's
-# rise shows and GPTQ stays at fp32 (measured below).
+# Group 128, as the tiny recipes and the real StableLM recipes use.
 GROUP = 128
 CALIB = dict(calib_samples=32, calib_seqlen=256)
 QUANTIZED = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -43,16 +41,19 @@ PACKED = ("qweight", "qzeros", "scales", "g_idx")
 # point off by one (v2 zeros read as v1) gives max 0.59-0.70, mean 0.056.
 MAX_LOGIT_ERROR = 0.12
 MEAN_LOGIT_ERROR = 0.012
-# Held-out perplexity vs fp32 (113.98 by HELDOUT_METHOD): GPTQ -0.045 % (act-order +0.03 %), RTN +0.075 %; the
-# off-by-one zero point moves it by 0.5-0.8 %. KL(fp32 || model): GPTQ 0.00013, RTN 0.00032 nats per token.
-GPTQ_PPL_BOUND = 0.002
-GPTQ_KL_FRACTION_OF_RTN = 0.6
+# Held-out perplexity (head of tiny-heldout, HELDOUT_METHOD) of the committed tiny model, measured: fp32 112.90;
+# 4-bit group 128: RTN +0.25 %, GPTQ (chat-format tiny-train calibration) +0.12 %; KL(fp32 || model) RTN 0.0064,
+# GPTQ 0.0022 nats per token; 3-bit RTN +0.99 %, KL 0.0287. Smaller than on real LLMs (4-bit RTN costs LLaMA-7B
+# +10.7 %): a 7M-parameter model trained on 6M tokens has no outlier features for 4 bits to clip.
+GPTQ_SHARE_OF_RTN_RISE = 0.7  # GPTQ must remove at least 30 % of RTN's perplexity rise
+GPTQ_KL_FRACTION_OF_RTN = 0.5
 HELDOUT_METHOD = Method(window=256, stride=192, batch_size=8)
+HELDOUT = "tiny-heldout[:120000]"  # a head of the held-out split (about a quarter): ~30k scored tokens
 
 
 def export(tmp_path_factory, name: str, **options) -> Path:
     out = tmp_path_factory.mktemp("gptq") / name
-    return export_gptq("tiny", out, GptqOptions(group_size=GROUP, **CALIB, **options))
+    return export_gptq("tiny", out, GptqOptions(**{"group_size": GROUP, **CALIB, **options}))
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,11 @@ def act_order_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def rtn_folder(tmp_path_factory) -> Path:
     return export(tmp_path_factory, "rtn", method="rtn")
+
+
+@pytest.fixture(scope="module")
+def rtn3_folder(tmp_path_factory) -> Path:
+    return export(tmp_path_factory, "rtn3", method="rtn", bits=3)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +159,7 @@ def test_act_order_logits_match_independent_dequantizer(act_order_folder, heldou
 def fp32_heldout(tiny_backend) -> tuple[float, list[torch.Tensor]]:
     """The fp32 model's held-out perplexity and its log-prob rows, batch by batch."""
     rows: list[torch.Tensor] = []
-    ppl = perplexity(tiny_backend, load_dataset("tiny-heldout"), HELDOUT_METHOD,
+    ppl = perplexity(tiny_backend, load_dataset(HELDOUT), HELDOUT_METHOD,
                      on_batch=lambda logprobs, _: rows.append(logprobs))
     return ppl.as_dict()["token_perplexity"], rows
 
@@ -161,19 +167,22 @@ def fp32_heldout(tiny_backend) -> tuple[float, list[torch.Tensor]]:
 def heldout_scores(folder: Path, fp32_rows: list[torch.Tensor]) -> tuple[float, float]:
     """(held-out perplexity, mean KL(fp32 || artifact)) of an artifact through the runner backend."""
     agreement, reference = Agreement(), iter(fp32_rows)
-    ppl = perplexity(open_gptq(folder, "cpu"), load_dataset("tiny-heldout"), HELDOUT_METHOD,
+    ppl = perplexity(open_gptq(folder, "cpu"), load_dataset(HELDOUT), HELDOUT_METHOD,
                      on_batch=lambda logprobs, targets: agreement.add(next(reference), logprobs, targets))
     return ppl.as_dict()["token_perplexity"], agreement.summary()["kl_mean"]
 
 
-def test_gptq_beats_rtn_and_stays_near_fp32(gptq_folder, rtn_folder, fp32_heldout):
+def test_quantization_costs_what_it_costs_real_models(gptq_folder, rtn_folder, rtn3_folder, fp32_heldout):
+    """RTN raises perplexity, GPTQ removes a good part of that rise and of the KL, and 3 bits cost more than 4."""
     fp32, fp32_rows = fp32_heldout
     gptq, gptq_kl = heldout_scores(gptq_folder, fp32_rows)
     rtn, rtn_kl = heldout_scores(rtn_folder, fp32_rows)
-    figures = dict(fp32=fp32, gptq=gptq, rtn=rtn, gptq_kl=gptq_kl, rtn_kl=rtn_kl)
-    assert gptq < rtn, figures
-    assert abs(gptq / fp32 - 1) < GPTQ_PPL_BOUND, figures
+    rtn3, rtn3_kl = heldout_scores(rtn3_folder, fp32_rows)
+    figures = dict(fp32=fp32, gptq=gptq, rtn=rtn, rtn3=rtn3, gptq_kl=gptq_kl, rtn_kl=rtn_kl, rtn3_kl=rtn3_kl)
+    assert rtn > fp32, figures
+    assert gptq - fp32 <= GPTQ_SHARE_OF_RTN_RISE * (rtn - fp32), figures
     assert gptq_kl < GPTQ_KL_FRACTION_OF_RTN * rtn_kl, figures
+    assert rtn3 > rtn and rtn3_kl > rtn_kl, figures
 
 
 def test_export_measures_quality_into_card_and_manifest(gptq_folder):
@@ -199,7 +208,8 @@ def tensor_names(path: Path) -> set[str]:
 
 def test_tensor_names_and_dtypes_follow_the_source(gptq_folder):
     source = tensor_names(model_folder("tiny") / "model.safetensors")
-    quantized = {f"gpt_neox.layers.{i}.{module}" for i in range(2) for module in QUANTIZED}
+    layers = json.loads((gptq_folder / "config.json").read_text())["num_hidden_layers"]
+    quantized = {f"gpt_neox.layers.{i}.{module}" for i in range(layers) for module in QUANTIZED}
     assert {f"{name}.weight" for name in quantized} <= source
     expected = (source - {f"{name}.weight" for name in quantized}) | {f"{n}.{f}" for n in quantized for f in PACKED}
     assert tensor_names(gptq_folder / "model.safetensors") == expected

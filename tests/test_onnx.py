@@ -122,7 +122,8 @@ def test_fp16_matches_pytorch_fp16(tiny_fp16, tiny_fp16_torch):
 
 def test_graph_names_and_dynamic_axes(tiny_fp16):
     graph = onnx.load(tiny_fp16 / "model.onnx", load_external_data=False).graph
-    kv = [f"past_key_values.{i}.{part}" for i in range(2) for part in ("key", "value")]
+    layers = json.loads((tiny_fp16 / "config.json").read_text())["num_hidden_layers"]
+    kv = [f"past_key_values.{i}.{part}" for i in range(layers) for part in ("key", "value")]
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids", *kv]
     assert [o.name for o in graph.output] == ["logits"] + [n.replace("past_key_values", "present") for n in kv]
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
@@ -277,10 +278,9 @@ ONNX_BREAKAGES = {
     "sidecar lost": (lambda f: (f / "model.onnx.data").unlink(), "external data model.onnx.data: missing"),
     "input renamed": (lambda f: rename_input(f, "position_ids", "positions"),
                       "inputs: missing ['position_ids'], unexpected ['positions']"),
-    "config has another layer count": (
-        lambda f: (f / "config.json").write_text(json.dumps(json.loads((f / "config.json").read_text())
-                                                            | {"num_hidden_layers": 3})),
-        "inputs: missing ['past_key_values.2.key', 'past_key_values.2.value']"),
+    "config has one layer more": (
+        lambda f: edit_json(f / "config.json", lambda c: c.update(num_hidden_layers=c["num_hidden_layers"] + 1)),
+        "inputs: missing ['past_key_values.{layers}.key', 'past_key_values.{layers}.value']"),
     "genai config lost": (lambda f: (f / "genai_config.json").unlink(), "genai_config.json: missing"),
     "genai config names other cache inputs": (
         lambda f: edit_json(f / "genai_config.json",
@@ -325,6 +325,7 @@ def test_serving_contract_holds(tiny_fp16, tiny_fp32):
 def test_serving_contract_names_each_breakage(tiny_fp32, tmp_path, breakage):
     broken = shutil.copytree(tiny_fp32, tmp_path / "broken")
     edit, message = ONNX_BREAKAGES[breakage]
+    message = message.replace("{layers}", str(json.loads((broken / "config.json").read_text())["num_hidden_layers"]))
     edit(broken)
     problems = serving_problems(broken, "onnx")
     assert any(message in p for p in problems), problems

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,18 @@ def test_bad_override_names_the_key(tmp_path, capsys, override, message):
     assert not (tmp_path / "out").exists()
 
 
+STAGE_RAN = re.compile(r"^\S+ +(export|eval|bench) +\d+\.\d s +\d+\.\d\d GiB  \S", re.MULTILINE)
+STAGE_CACHED = re.compile(r"^\S+ +(export|eval|bench) +up to date \(", re.MULTILINE)
+
+
+def ran(output: str) -> int:
+    return len(STAGE_RAN.findall(output))
+
+
+def cached(output: str) -> int:
+    return len(STAGE_CACHED.findall(output))
+
+
 def run_recipe(capsys, recipe: Path, out: Path, results: Path, *extra: str) -> str:
     assert main(["run", str(recipe), "--out", str(out), "--results", str(results), *extra]) == 0
     return capsys.readouterr().out
@@ -103,14 +116,16 @@ def test_run_produces_artifact_manifest_and_row_then_skips_then_reruns_what_chan
     assert [set(row["stages"]) for row in table["rows"]] == [{"eval", "bench"}, {"export", "eval", "bench"}]
     assert all(figures["seconds"] > 0 and figures["peak_rss_bytes"] > 2**20
                for row in table["rows"] for figures in row["stages"].values())
-    assert first.count("running") == 2 + 3  # reference eval/bench, then export/eval/bench
+    assert ran(first) == 2 + 3 and cached(first) == 0  # reference eval/bench, then export/eval/bench
+    assert {p.name for p in (out / "fast").glob("*.log")} == {"export.log", "eval.log", "bench.log"}
+    assert "Traceback" not in first and "gptqmodel" not in first.lower()  # library output is in the logs
 
     second = run_recipe(capsys, recipe, out, results)
-    assert "running" not in second and second.count("up to date") == 5
+    assert ran(second) == 0 and cached(second) == 5
 
     third = run_recipe(capsys, recipe, out, results, "--set", "export.group_size=64")
     assert json.loads((results / "fast.json").read_text())["command"][-2:] == ["--set", "export.group_size=64"]
-    assert third.count("running") == 3 and third.count("up to date") == 2  # the reference is untouched
+    assert ran(third) == 3 and cached(third) == 2  # the reference is untouched
     assert json.loads((artifact / "quantkit.json").read_text())["recipe"]["export"]["group_size"] == 64
 
 
