@@ -18,6 +18,7 @@ import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,20 +75,29 @@ def copy_folder(src: Path, dst: Path) -> Path:
     return dst
 
 
+def pack_nibbles(fields: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of `unpack_nibbles`: 4-bit fields along `dim` (0 or 1), lowest first, into int32 words."""
+    fields = fields.long().movedim(dim, -1)
+    words = (fields.reshape(*fields.shape[:-1], -1, 32 // BITS) << torch.arange(0, 32, BITS)).sum(-1)
+    return (words - (words >= 1 << 31).long() * (1 << 32)).to(torch.int32).movedim(-1, dim).contiguous()
+
+
 def shift_zero_points(qzeros: torch.Tensor) -> torch.Tensor:
-    """Classic-GPTQ qzeros with every stored 4-bit zero point one higher (mod 16)."""
-    fields = (unpack_nibbles(qzeros, 1).long() + 1) % (1 << BITS)  # [groups, 8 * words]
-    shifts = torch.arange(0, 32, BITS)
-    words = (fields.view(fields.shape[0], -1, 32 // BITS) << shifts).sum(-1)
-    return (words - (words >= 1 << 31).long() * (1 << 32)).to(torch.int32)  # back to signed int32
+    """Every stored zero point one higher (mod 16): what reading v2 zeros as v1 does."""
+    return pack_nibbles((unpack_nibbles(qzeros, 1).long() + 1) % (1 << BITS), 1)
 
 
-def break_zero_points(gptq: Path, dst: Path) -> Path:
-    """A copy of the GPTQ folder whose zero points are off by one: what reading v2 zeros as v1 does."""
+def reverse_nibbles(qweight: torch.Tensor) -> torch.Tensor:
+    """The 8 weights of each word in the other order: a packer that writes high nibble first."""
+    fields = unpack_nibbles(qweight, 0)
+    return pack_nibbles(fields.view(-1, 32 // BITS, fields.shape[1]).flip(1).reshape(fields.shape), 0)
+
+
+def break_gptq(gptq: Path, dst: Path, field: str, defect: Callable[[torch.Tensor], torch.Tensor]) -> Path:
+    """A copy of the GPTQ folder with `defect` applied to every `.{field}` tensor."""
     copy_folder(gptq, dst)
     for file in dst.glob("*.safetensors"):
-        tensors = load_file(file)
-        tensors = {k: shift_zero_points(v) if k.endswith(".qzeros") else v for k, v in tensors.items()}
+        tensors = {k: defect(v) if k.endswith(f".{field}") else v for k, v in load_file(file).items()}
         save_file(tensors, file, metadata={"format": "pt"})
     return dst
 
@@ -110,7 +120,7 @@ def export_all(out: Path) -> dict[str, dict]:
     onnx_fp16 = export_onnx(MODEL, out / "onnx-fp16", OnnxOptions(dtype="fp16", device="cpu"))
     onnx_int4 = export_onnx_int4(str(gptq), out / "onnx-int4", Int4Options(), gptq_options=GPTQ)
     dense_rotary = break_rotary(dense, out / "dense-wrong-rotary")
-    gptq_zeros = break_zero_points(gptq, out / "gptq-zeros-off-by-one")
+    gptq_zeros = break_gptq(gptq, out / "gptq-zeros-off-by-one", "qzeros", shift_zero_points)
     artifacts = {
         "dense": {"format": "dense", "folder": dense},
         "gptq": {"format": "gptq", "folder": gptq},
@@ -118,8 +128,12 @@ def export_all(out: Path) -> dict[str, dict]:
         "onnx-int4": {"format": "onnx-int4", "folder": onnx_int4},
         "dense-wrong-rotary": {"format": "dense", "folder": dense_rotary, "broken_of": "dense",
                                "defect": f"config.json rotary_pct {WRONG_ROTARY_PCT}"},
+        # vLLM reads no zero points from a symmetric checkpoint (its kernels assume 2^(bits-1)): it is shown the
+        # packing bug below; the zero-point bug reaches MatMulNBits through the int4 ONNX export.
         "gptq-zeros-off-by-one": {"format": "gptq", "folder": gptq_zeros, "broken_of": "gptq",
                                   "defect": "every qzeros field + 1"},
+        "gptq-nibbles-reversed": {"format": "gptq", "broken_of": "gptq", "defect": "qweight packed high nibble first",
+                                  "folder": break_gptq(gptq, out / "gptq-nibbles-reversed", "qweight", reverse_nibbles)},
         # Exported by quantkit from the broken sources: each graph is right for its (wrong) weights and config.
         "onnx-fp16-wrong-rotary": {"format": "onnx", "broken_of": "onnx-fp16", "defect": "exported from dense-wrong-rotary",
                                    "folder": export_onnx(str(dense_rotary), out / "onnx-fp16-wrong-rotary",
@@ -143,9 +157,11 @@ def windows(backend: Backend) -> list[Segment]:
     return segments
 
 
-def token_logprobs(backend: Backend, segments: list[Segment]) -> list[list[float]]:
-    """log p(token | earlier tokens of its window) for every token but each window's first, by the shared scorer."""
-    picked = [lp.gather(1, t[:, None]).squeeze(1) for lp, t in scored_logprobs(backend, segments, METHOD)]
+def token_logprobs(backend: Backend, segments: list[Segment], rows: int | None = None) -> list[list[float]]:
+    """log p(token | earlier tokens of its window) for every token but each window's first, by the shared scorer,
+    normalized over the tokenizer's ids (or over `rows` logit rows)."""
+    batches = scored_logprobs(backend, segments, METHOD, rows=rows)
+    picked = [lp.gather(1, t[:, None]).squeeze(1) for lp, t in batches]
     flat = iter(torch.cat(picked).tolist())
     return [[next(flat) for _ in s.ids[1:]] for s in segments]
 
@@ -165,10 +181,16 @@ def chat_case(backend: Backend, messages: Messages, stops: list[int]) -> dict:
             "stop_token": result.stop_token, "margins": margins(recorder.logits, len(backend.tokenizer))}
 
 
+def scores(backend: Backend, segments: list[Segment]) -> dict:
+    """The log-probs over the tokenizer's ids (quantkit's method) and over every logit row (what vLLM reports)."""
+    return {"backend": backend.name, "logprobs": token_logprobs(backend, segments),
+            "logprobs_all_rows": token_logprobs(backend, segments, rows=backend.vocab_rows)}
+
+
 def describe(backend: Backend, segments: list[Segment]) -> dict:
     stops = stop_token_ids(backend.tokenizer)
-    return {"backend": backend.name, "windows": [s.ids for s in segments], "logprobs": token_logprobs(backend, segments),
-            "stop_ids": stops, "vocab": len(backend.tokenizer),
+    return {**scores(backend, segments), "windows": [s.ids for s in segments], "stop_ids": stops,
+            "vocab": len(backend.tokenizer),
             "chats": {name: chat_case(backend, m, stops) for name, m in CHATS.items()}}
 
 
@@ -186,8 +208,7 @@ def expected_for(name: str, artifact: dict) -> dict:
     segments = windows(backend)
     entry |= describe(backend, segments)
     if artifact["format"] == "gptq":
-        reference = dequantized_backend(artifact["folder"])
-        entry["reference"] = {"backend": reference.name, "logprobs": token_logprobs(reference, segments)}
+        entry["reference"] = scores(dequantized_backend(artifact["folder"]), segments)
     return entry
 
 
