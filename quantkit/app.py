@@ -7,7 +7,8 @@ import sys
 from typing import Callable
 
 from quantkit.backends import Backend, open_backend
-from quantkit.chat import Sampler, render_prompt, stop_token_ids
+from quantkit.chat import Sampler, fit_history, render_prompt, stop_token_ids
+from quantkit.errors import QuantkitError
 from quantkit.runner import Generation, generate
 
 
@@ -39,10 +40,10 @@ def sampler_from_args(args: argparse.Namespace, backend: Backend) -> Sampler:
 
 
 def answer(
-    backend: Backend, prompt_text: str, args: argparse.Namespace, on_token: Callable[[int, int], None] | None = None
+    backend: Backend, prompt_ids: list[int], args: argparse.Namespace,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> Generation:
-    """Run the shared loop on one rendered prompt."""
-    prompt_ids = backend.tokenizer(prompt_text)["input_ids"]
+    """Run the shared loop on one tokenized prompt."""
     (result,) = generate(
         backend,
         [prompt_ids],
@@ -50,6 +51,7 @@ def answer(
         sampler=sampler_from_args(args, backend),
         stop_ids=stop_token_ids(backend.tokenizer),
         on_token=on_token,
+        cap_to_context=args.fit_context,
     )
     return result
 
@@ -65,6 +67,8 @@ def print_timings(result: Generation, backend: Backend) -> None:
 
 
 def describe_stop(result: Generation, backend: Backend) -> str:
+    if result.stop_reason == "context":
+        return f"context limit ({backend.max_positions} positions)"
     if result.stop_token is None:
         return "length limit"
     return f"{backend.tokenizer.convert_ids_to_tokens(result.stop_token)} ({result.stop_token})"
@@ -75,7 +79,7 @@ def generate_answer(args: argparse.Namespace) -> dict:
     backend = open_backend(args.model, dtype=args.dtype, device=args.device)
     prompt_text = render_prompt(args.prompt, system=args.system)
     stream = None if args.json else TextStream(backend.tokenizer, lambda s: print(s, end="", flush=True))
-    result = answer(backend, prompt_text, args, on_token=stream)
+    result = answer(backend, backend.tokenizer(prompt_text)["input_ids"], args, on_token=stream)
     if not args.json:
         print()
         print_timings(result, backend)
@@ -93,7 +97,9 @@ def generate_answer(args: argparse.Namespace) -> dict:
 
 
 def chat(args: argparse.Namespace) -> int:
-    """`quantkit chat`: multi-turn, streaming; an empty line or EOF ends it."""
+    """`quantkit chat`: multi-turn, streaming; an empty line or EOF ends it. The conversation stays within the
+    model's positions: the oldest whole turns are dropped when the next one would not fit (the system prompt
+    stays), and a message that cannot fit alone is refused."""
     backend = open_backend(args.model, dtype=args.dtype, device=args.device)
     history: list[tuple[str, str]] = []
     print(f"chatting with {args.model} ({backend.name}); empty line or Ctrl-D ends", file=sys.stderr)
@@ -104,9 +110,19 @@ def chat(args: argparse.Namespace) -> int:
             break
         if not user:
             break
+        try:
+            prompt_ids, dropped = fit_history(backend.tokenizer, user, history, backend.max_positions,
+                                              args.max_new_tokens, system=args.system)
+        except QuantkitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        if dropped:
+            history = history[dropped:]
+            print(f"(dropped the oldest {dropped} turn(s) to stay within the model's {backend.max_positions} "
+                  "positions)", file=sys.stderr)
         print("stablelm> ", end="", flush=True)
         stream = TextStream(backend.tokenizer, lambda s: print(s, end="", flush=True))
-        result = answer(backend, render_prompt(user, system=args.system, history=history), args, on_token=stream)
+        result = answer(backend, prompt_ids, args, on_token=stream)
         print()
         print_timings(result, backend)
         history.append((user, stream.shown))
@@ -193,8 +209,10 @@ def report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from quantkit.machine import machine_info, machine_line
+    from quantkit.paths import output_folder
     from quantkit.report import measure_models, write_report
 
+    output_folder(Path(args.results))  # an unwritable folder fails now, not after the measurements
     settings = bench_settings(args)
     request = eval_request(args, reference=args.models[0])  # the reference row checks itself: KL 0, 100 %
     rows = measure_models(args.models, request, settings)
@@ -206,36 +224,14 @@ def report(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    """`quantkit export --fmt gptq|onnx|onnx-int4`."""
+    """`quantkit export --fmt FORMAT`: the format's exporter with the parsed options."""
     from pathlib import Path
 
-    out = Path(args.out)
-    if args.fmt == "onnx":
-        from quantkit.export.onnx import OnnxOptions, export_onnx
+    from quantkit.formats import get_format
 
-        export_onnx(args.model, out, OnnxOptions(dtype=args.dtype, opset=args.opset, device=args.device,
-                                                 validate=args.validate), overwrite=args.overwrite)
-    elif args.fmt == "gptq":
-        from quantkit.export.gptq import export_gptq
-
-        export_gptq(args.model, out, gptq_options(args), overwrite=args.overwrite)
-    else:
-        from quantkit.export.onnx_int4 import Int4Options, export_onnx_int4
-
-        options = Int4Options(dtype=args.dtype, accuracy_level=args.accuracy_level)
-        export_onnx_int4(args.model, out, options, overwrite=args.overwrite, gptq_options=gptq_options(args))
-    print(f"wrote {out}")
+    get_format(args.fmt).export(args.model, Path(args.out), vars(args), args.overwrite, None)
+    print(f"wrote {args.out}")
     return 0
-
-
-def gptq_options(args: argparse.Namespace):
-    from quantkit.export.gptq import GptqOptions
-
-    calib = tuple(args.calib) if args.calib else GptqOptions().calib
-    return GptqOptions(method=args.method, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
-                       sym=args.sym, true_sequential=args.true_sequential, damp=args.damp, calib=calib,
-                       calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                       device=args.device, allow_eval_split=args.force_calib_split)
 
 
 def run_recipes(args: argparse.Namespace) -> int:
@@ -245,7 +241,7 @@ def run_recipes(args: argparse.Namespace) -> int:
     from quantkit.pipeline import run
 
     paths = run(args.recipes, Path(args.out), force=args.force, results=Path(args.results), table_name=args.name,
-                model=args.model, overrides=args.set)
+                model=args.model, revision=args.revision, overrides=args.set)
     print(paths["md"].read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
@@ -256,11 +252,14 @@ def verify(folder: str) -> int:
     misses something a downstream loader expects."""
     from pathlib import Path
 
-    from quantkit.downstream import check_serving_contract
-    from quantkit.export.artifact import read_manifest, verify as verify_folder
+    from quantkit.export.artifact import read_manifest, source_lines, verify as verify_folder
+    from quantkit.formats import serving_problems
 
+    manifest = read_manifest(Path(folder))
+    for line in source_lines(manifest):
+        print(line)
     problems = verify_folder(Path(folder))
-    problems += check_serving_contract(Path(folder), read_manifest(Path(folder))["format"])
+    problems += serving_problems(Path(folder), manifest["format"])
     for problem in problems:
         print(problem)
     print(f"{folder}: {'FAILED' if problems else 'OK'} ({len(problems)} problem(s))", file=sys.stderr)

@@ -1,10 +1,13 @@
 """StableLM-Tuned-Alpha chat semantics: prompt format, stop tokens and sampling — defined once, used by all."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from quantkit.errors import QuantkitError
 
 SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN = "<|SYSTEM|>", "<|USER|>", "<|ASSISTANT|>"
 
@@ -38,6 +41,22 @@ def render_prompt(
     """
     turns = "".join(f"{USER_TOKEN}{u}{ASSISTANT_TOKEN}{a}" for u, a in history)
     return f"{SYSTEM_TOKEN}{system}{turns}{USER_TOKEN}{user}{ASSISTANT_TOKEN}"
+
+
+def fit_history(
+    tokenizer, user: str, history: Sequence[tuple[str, str]], max_positions: int, max_new_tokens: int,
+    system: str = STABLELM_SYSTEM_PROMPT,
+) -> tuple[list[int], int]:
+    """Token ids of the prompt for `user` after the most recent whole turns of `history` that leave
+    `max_new_tokens` of the model's `max_positions`, and how many of the oldest turns were dropped. The system
+    prompt is always kept; a message that does not fit even alone is a QuantkitError."""
+    budget = max_positions - max_new_tokens
+    for dropped in range(len(history) + 1):
+        ids = tokenizer(render_prompt(user, system, history[dropped:]))["input_ids"]
+        if len(ids) <= budget:
+            return ids, dropped
+    raise QuantkitError(f"message too long: with the system prompt it takes {len(ids)} tokens, and with "
+                        f"max_new_tokens {max_new_tokens} the model's {max_positions} positions leave {budget}")
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -110,3 +129,25 @@ def render_dialogue(tokenizer, turns: Sequence[tuple[str, str]], system: str = S
         ids += tokenizer.convert_tokens_to_ids([role_token[role]]) + piece
         scored += [False] + [role == "assistant"] * len(piece)
     return ids, scored
+
+
+def chat_template() -> str:
+    """The prompt format as a Hugging Face `chat_template` (Jinja), for `apply_chat_template` and chat servers.
+
+    It renders exactly what `render_prompt` renders: a leading "system" message replaces the card's system prompt,
+    then user / assistant messages in order, and `<|ASSISTANT|>` as the generation prompt.
+    """
+    tag = {"user": USER_TOKEN, "assistant": ASSISTANT_TOKEN}
+    return (
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+        f"{{% else %}}{{% set system = {json.dumps(STABLELM_SYSTEM_PROMPT)} %}}{{% endif %}}"
+        f"{SYSTEM_TOKEN}{{{{ system }}}}"
+        "{% for message in messages %}"
+        f"{{% if message['role'] == 'user' %}}{tag['user']}"
+        f"{{% elif message['role'] == 'assistant' %}}{tag['assistant']}"
+        "{% else %}{{ raise_exception('roles must be system (first), user or assistant') }}{% endif %}"
+        "{{ message['content'] }}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{ASSISTANT_TOKEN}{{% endif %}}"
+    )

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Sequence
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import FORMATS
 
 MODEL_HELP = (
-    "hub id, local Hugging Face folder, exported artifact folder, or preset "
+    "hub id (ID@REVISION pins a commit or tag), local Hugging Face folder, exported artifact folder, or preset "
     "(tiny, tiny-stablelm, stablelm-200m, stablelm-3b, stablelm-7b; add :layers=N to cut depth)"
 )
+REVISION_HELP = "hub commit sha, tag or branch to read --model at (the manifest records the commit it resolved to)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,10 +31,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def device_name(text: str) -> str:
+    """cpu, cuda or cuda:N: the devices every backend runs on."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device '{text}' (expected cpu, cuda or cuda:N)")
+    return text
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--revision", help=REVISION_HELP)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="PyTorch dtype (default: fp16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda when available)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +50,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--system", default=STABLELM_SYSTEM_PROMPT, help="system prompt (default: the model card's)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=CARD_MAX_NEW_TOKENS, help="default: %(default)s")
+    parser.add_argument("--fit-context", action="store_true",
+                        help="cap --max-new-tokens to what the model's positions leave beside the prompt (stop "
+                             "reason: context) instead of refusing the request")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--greedy", action="store_true", help="argmax decoding")
     group.add_argument("--temperature", type=float, default=CARD_TEMPERATURE, help="default: %(default)s (the card's)")
@@ -86,16 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--name", required=True, help="writes RESULTS/NAME.json, .md and .png")
     report.add_argument("--results", default="benchmarks/results", help="output folder (default: %(default)s)")
     report.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="PyTorch dtype of non-artifact models")
-    report.add_argument("--device", help="cpu or cuda")
+    report.add_argument("--device", type=device_name, help="cpu or cuda")
     add_eval_args(report, reference=False)
     add_bench_args(report)
     export = commands.add_parser("export", help="write a GPTQ or ONNX artifact folder",
                                  description="Export a checkpoint. Nothing appears at --out unless the export succeeds.")
-    export.add_argument("--fmt", required=True, choices=["gptq", "onnx", "onnx-int4"], help="artifact format")
+    export.add_argument("--fmt", required=True, choices=list(FORMATS),
+                        help="; ".join(f"{f.name}: {f.summary}" for f in FORMATS.values()))
     export.add_argument("--model", required=True, help=MODEL_HELP + "; for onnx-int4 also a GPTQ artifact folder")
+    export.add_argument("--revision", help=REVISION_HELP)
     export.add_argument("--out", required=True, help="artifact folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    export.add_argument("--device", help="cuda (default when present) or cpu")
+    export.add_argument("--device", type=device_name, help="cuda (default when present) or cpu")
     gptq = export.add_argument_group("gptq / onnx-int4")
     gptq.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="rtn = round-to-nearest baseline")
     gptq.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
@@ -109,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     gptq.add_argument("--calib-samples", type=positive_int, default=128)
     gptq.add_argument("--calib-seqlen", type=positive_int, default=512)
     gptq.add_argument("--seed", type=int, default=0)
-    gptq.add_argument("--force-calib-split", action="store_true", help="allow calibrating on a test/eval split")
+    gptq.add_argument("--force-calib-split", dest="allow_eval_split", action="store_true",
+                      help="allow calibrating on a test/eval split")
     onnx = export.add_argument_group("onnx / onnx-int4")
     onnx.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
                       help="graph dtype: fp16 for CUDA, fp32 for ONNX Runtime's CPU provider (default: %(default)s)")
@@ -125,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="table name (default: the first recipe's name)")
     run.add_argument("--force", action="store_true", help="re-run every stage")
     run.add_argument("--model", help="replace the recipes' source (e.g. a local folder instead of the hub id)")
+    run.add_argument("--revision", help="pin the recipes' hub source (or --model's) to this commit sha or tag")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a recipe value, checked like the file's own (repeatable), e.g. "
                           "--set 'eval.data=wikitext2-test[:20000]' --set 'bench.batches=[1]'")
@@ -168,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QuantkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine, not the input: a full disk or an unwritable path mid-way
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -175,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     from quantkit import app
+    from quantkit.sources import with_revision
+
+    if args.command != "run" and getattr(args, "revision", None):
+        args.model = with_revision(args.model, args.revision)
 
     if args.command == "demo":
         return app.demo(args.prompt, args.out, args.results)

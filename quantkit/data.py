@@ -4,7 +4,7 @@ Specs:
   wikitext2-test, wikitext2-valid   WikiText-2 raw from the shared data folder (or the hub where there is internet)
   hh-helpful-test, hh-harmless-test Anthropic HH test dialogues (`chosen`), shared data folder
   alpaca-sample                     the 25-record Alpaca sample, shared data folder
-  tiny-train, tiny-heldout          the tiny model's own training / held-out text
+  tiny-train, tiny-heldout          the tiny model's own training / held-out text (quantkit.corpus)
   PATH                              .txt/.raw (plain text) or .json/.jsonl/.jsonl.gz records: HH `chosen`,
                                     Alpaca instruction/input/output, Dolly instruction/context/response,
                                     ShareGPT `conversations`, or prompt/completion
@@ -35,7 +35,7 @@ SHARED_RECORDS = {
     "hh-harmless-test": "instruct/hh-rlhf/harmless-base-test.jsonl.gz",
     "alpaca-sample": "instruct/alpaca/alpaca_short.json",
 }
-TINY_TEXT = {"tiny-train": "train.txt", "tiny-heldout": "heldout.txt"}
+TINY_TEXT = {"tiny-train": 0, "tiny-heldout": 1}  # index into quantkit.corpus.build_corpus()
 KNOWN_SPECS = (*SHARED_TEXT, *SHARED_RECORDS, *TINY_TEXT)
 TEXT_SUFFIXES = (".txt", ".raw")
 RECORD_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".json.gz")
@@ -73,15 +73,13 @@ def load_dataset(spec: str) -> Dataset:
     if spec in SHARED_RECORDS:
         return Dataset(spec, dialogues=records_to_dialogues(read_records(data_dir() / SHARED_RECORDS[spec]), spec))
     if spec in TINY_TEXT:
-        from quantkit.tiny import tiny_folder
+        from quantkit.corpus import build_corpus
 
-        return Dataset(spec, text=read_text(tiny_folder("own") / TINY_TEXT[spec]))
+        return Dataset(spec, text=build_corpus(data_dir())[TINY_TEXT[spec]])
     if spec.startswith("hub:"):
         return Dataset(spec, dialogues=records_to_dialogues(hub_records(spec[4:]), spec))
     path = Path(spec).expanduser()
     if path.name.endswith(TEXT_SUFFIXES) or path.name.endswith(RECORD_SUFFIXES):
-        if not path.is_file():
-            raise QuantkitError(f"dataset file not found: {path}")
         if path.name.endswith(TEXT_SUFFIXES):
             return Dataset(spec, text=read_text(path))
         return Dataset(spec, dialogues=records_to_dialogues(read_records(path), spec))
@@ -91,19 +89,31 @@ def load_dataset(spec: str) -> Dataset:
     )
 
 
-def read_text(path: Path) -> str:
+def check_file(path: Path) -> None:
+    if path.is_dir():
+        raise QuantkitError(f"dataset {path} is a folder, not a file")
     if not path.is_file():
         raise QuantkitError(f"dataset file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+
+
+def read_text(path: Path) -> str:
+    """The decoded contents of a (gzipped) dataset file; a missing, empty or non-UTF-8 file is a one-line error."""
+    check_file(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise QuantkitError(f"dataset {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise QuantkitError(f"dataset {path} is not a complete gzip file: {exc}") from None
     if not text.strip():
         raise QuantkitError(f"dataset is empty: {path}")
     return text
 
 
 def read_records(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        raw = handle.read()
+    raw = read_text(path)
     try:
         if path.name.endswith((".jsonl", ".jsonl.gz")):
             return [json.loads(line) for line in raw.splitlines() if line.strip()]

@@ -11,10 +11,16 @@ desc_act, sym, quant_method) and transformers + optimum/gptqmodel (quantization_
   - per quantized linear (K inputs, N outputs): qweight int32 [K*bits/32, N], qzeros int32 [groups, ceil(N*bits/32)],
     scales fp16 [groups, N], g_idx int32 [K], and no leftover `.weight`;
   - the GPT-NeoX names vLLM's loader maps: gpt_neox.embed_in.weight and embed_out.weight.
-ONNX, for onnxruntime and optimum's ORTModelForCausalLM:
+ONNX, for onnxruntime, optimum's ORTModelForCausalLM and onnxruntime-genai:
   - model.onnx with inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/.value and outputs
     logits, present.{i}.key/.value for every layer of config.json (model_type gpt_neox);
-  - every external data file the graph names exists beside it.
+  - every external data file the graph names exists beside it;
+  - genai_config.json naming that graph, its IO names, the shapes of config.json and the stop ids of
+    generation_config.json (onnxruntime-genai reads nothing else).
+Every format: tokenizer_config.json carries the StableLM prompt as its `chat_template` (what
+`tokenizer.apply_chat_template` and vLLM's /v1/chat/completions render) and generation_config.json stops on the
+card's stop ids.
+The downstream suite (tests_downstream/) proves these folders in the servers themselves.
 """
 from __future__ import annotations
 
@@ -22,6 +28,9 @@ import json
 from pathlib import Path
 
 from safetensors import safe_open
+
+from quantkit.chat import chat_template
+from quantkit.export.genai import GENAI_CONFIG, MODEL_TYPE, PAST_NAMES, PRESENT_NAMES
 
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 PACKED_DTYPES = {"qweight": "I32", "qzeros": "I32", "scales": "F16", "g_idx": "I32"}
@@ -137,14 +146,46 @@ def check_onnx(folder: Path) -> list[str]:
     locations = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
     problems += [f"external data {name}: missing beside model.onnx" for name in sorted(locations)
                  if not (folder / name).is_file()]
+    check_genai_config(folder, config, problems)
     return problems
 
 
-CHECKS = {"gptq": check_gptq, "onnx": check_onnx, "onnx-int4": check_onnx}
+def check_genai_config(folder: Path, config: dict, problems: list[str]) -> None:
+    genai = read_json(folder, GENAI_CONFIG, problems)
+    if not genai:
+        return
+    model, stops = genai.get("model", {}), read_json(folder, "generation_config.json", problems).get("eos_token_id")
+    decoder = model.get("decoder", {})
+    heads, layers = config.get("num_attention_heads", 0), config.get("num_hidden_layers")
+    expected = {
+        "model.type": (model.get("type"), MODEL_TYPE),
+        "model.context_length": (model.get("context_length"), config.get("max_position_embeddings")),
+        "model.vocab_size": (model.get("vocab_size"), config.get("vocab_size")),
+        "model.eos_token_id": (model.get("eos_token_id"), stops),
+        "decoder.filename": (decoder.get("filename"), "model.onnx"),
+        "decoder.hidden_size": (decoder.get("hidden_size"), config.get("hidden_size")),
+        "decoder.num_attention_heads": (decoder.get("num_attention_heads"), heads),
+        "decoder.num_key_value_heads": (decoder.get("num_key_value_heads"), heads),
+        "decoder.num_hidden_layers": (decoder.get("num_hidden_layers"), layers),
+        "decoder.head_size": (decoder.get("head_size"), config.get("hidden_size", 0) // max(heads, 1)),
+        "decoder.inputs.past_key_names": (decoder.get("inputs", {}).get("past_key_names"), PAST_NAMES[0]),
+        "decoder.inputs.past_value_names": (decoder.get("inputs", {}).get("past_value_names"), PAST_NAMES[1]),
+        "decoder.outputs.present_key_names": (decoder.get("outputs", {}).get("present_key_names"), PRESENT_NAMES[0]),
+        "decoder.outputs.present_value_names": (decoder.get("outputs", {}).get("present_value_names"),
+                                                PRESENT_NAMES[1]),
+    }
+    for key, (actual, wanted) in expected.items():
+        if actual != wanted:
+            problems.append(f"{GENAI_CONFIG}: {key} is {actual!r}, expected {wanted!r}")
 
 
-def check_serving_contract(folder: Path, format: str) -> list[str]:
-    """Problems a downstream loader would hit with this folder of `format` (empty when it meets every
-    expectation, or when the format has no downstream contract)."""
-    check = CHECKS.get(format)
-    return check(Path(folder)) if check else []
+def check_chat_files(folder: Path) -> list[str]:
+    """The prompt format and stop ids every server reads, whatever the format."""
+    problems: list[str] = []
+    tokenizer_config = read_json(folder, "tokenizer_config.json", problems)
+    if tokenizer_config and tokenizer_config.get("chat_template") != chat_template():
+        problems.append("tokenizer_config.json: chat_template is not the StableLM prompt format")
+    generation = read_json(folder, "generation_config.json", problems)
+    if generation and not generation.get("eos_token_id"):
+        problems.append("generation_config.json: no eos_token_id (servers would not stop on the card's stop ids)")
+    return problems

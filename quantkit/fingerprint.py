@@ -10,6 +10,14 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def source_fingerprint(model: str) -> str:
     """A model's identity: file names, sizes and mtimes of a folder, else the spec (presets are seeded)."""
     folder = Path(model)

@@ -6,22 +6,27 @@ rerun after an interruption resumes where it stopped and a changed option re-run
 Artifacts are written to a temporary folder and renamed into place, so a kill never leaves a half-written one.
 Every stage runs in its own process (killed with the run), which also makes its peak RSS its own: each stage's
 seconds and peak memory go into the table's JSON (`stages` of each row).
+A run holds a lock on each recipe's folder while it works there: a second `quantkit run` on the same `--out`
+waits for it, then finds the stages up to date, so concurrent runs never interleave their writes.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from quantkit.errors import QuantkitError
 from quantkit.fingerprint import fingerprint, source_fingerprint
+from quantkit.formats import get_format
 from quantkit.export.artifact import verify, versions
+from quantkit.paths import atomic_write, file_lock, output_folder
 from quantkit.recipe import Recipe, load_recipe
 from quantkit.report import EvalRequest, evaluate_backend, model_size_bytes, run_isolated, write_report
 from quantkit.bench import BenchSettings, benchmark
+from quantkit.sources import model_folder, with_revision
 
 RESULTS = Path("benchmarks/results")
 Log = Callable[[str], None]
@@ -39,39 +44,42 @@ class StageBook:
 
     def mark(self, stage: str, inputs: str) -> None:
         self.done[stage] = inputs
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.done, indent=2))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.done)
+
+
+@contextmanager
+def stage_folder(folder: Path, log: Log) -> Iterator[Path]:
+    """`folder`, created and locked against other runs for the duration (they wait here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder / ".lock", on_wait=lambda: log(f"  waiting for another quantkit run using {folder}")):
+        yield folder
+
+
+def source_spec(recipe: Recipe) -> str:
+    """The recipe's model, pinned to its revision when it has one."""
+    return with_revision(recipe.source["model"], recipe.source["revision"])
+
+
+def override_source(recipe: Recipe, model: str | None, revision: str | None) -> Recipe:
+    """`--model` replaces the recipe's source (and drops its revision: a folder has none); `--revision` pins it."""
+    source = dict(recipe.source)
+    if model is not None:
+        source.update(model=model, revision="")
+    if revision is not None:
+        source["revision"] = revision
+    return dataclasses.replace(recipe, source=source)
 
 
 def export_artifact(recipe: Recipe, out: Path) -> None:
     """The recipe's export into `out` (replacing an older one), the manifest carrying the recipe."""
-    options = {k: v for k, v in recipe.export.items() if k != "format"}
-    extra = {"recipe": recipe.as_dict()}
-    if recipe.export["format"] == "onnx":
-        from quantkit.export.onnx import OnnxOptions, export_onnx
-
-        fields = {f.name for f in dataclasses.fields(OnnxOptions)}
-        export_onnx(recipe.source["model"], out, OnnxOptions(**{k: v for k, v in options.items() if k in fields}),
-                    overwrite=True, manifest_extra=extra)
-    else:
-        from quantkit.export.gptq import GptqOptions, export_gptq
-
-        fields = {f.name for f in dataclasses.fields(GptqOptions)}
-        gptq = GptqOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in fields})
-        if recipe.export["format"] == "gptq":
-            export_gptq(recipe.source["model"], out, gptq, overwrite=True, manifest_extra=extra)
-        else:
-            from quantkit.export.onnx_int4 import Int4Options, export_onnx_int4
-
-            int4 = Int4Options(dtype=options["dtype"], accuracy_level=options["accuracy_level"])
-            export_onnx_int4(recipe.source["model"], out, int4, overwrite=True, gptq_options=gptq, manifest_extra=extra)
+    fmt = get_format(recipe.export["format"])
+    fmt.export(source_spec(recipe), out, recipe.export, True, {"recipe": recipe.as_dict()})
 
 
 def eval_request(recipe: Recipe) -> EvalRequest:
     e = recipe.eval
     dtype = None if recipe.source["dtype"] == "auto" else recipe.source["dtype"]
-    return EvalRequest(data=e["data"], reference=recipe.source["model"], window=e["window"] or None,
+    return EvalRequest(data=e["data"], reference=source_spec(recipe), window=e["window"] or None,
                        stride=e["stride"] or None, batch_size=e["batch_size"], kld_tokens=e["kld_tokens"], dtype=dtype)
 
 
@@ -104,9 +112,7 @@ def stage_line(stage: str, figures: dict) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
 def cached_stage(book: StageBook, stage: str, inputs: str, output: Path, function, args: tuple, log: Log) -> dict:
@@ -136,14 +142,17 @@ def measure_rows(name: str, spec: str, folder: Path, book: StageBook, upstream: 
 
 
 def run_recipe(recipe: Recipe, out_root: Path, force: bool, log: Log) -> dict:
-    folder = out_root / recipe.name
-    folder.mkdir(parents=True, exist_ok=True)
+    with stage_folder(out_root / recipe.name, log) as folder:
+        return run_recipe_in(recipe, folder, force, log)
+
+
+def run_recipe_in(recipe: Recipe, folder: Path, force: bool, log: Log) -> dict:
     if force:
         (folder / "stages.json").unlink(missing_ok=True)
     book = StageBook(folder / "stages.json")
     artifact = folder / "artifact"
-    log(f"{recipe.name} ({recipe.export['format']} of {recipe.source['model']})")
-    export_inputs = fingerprint(source_fingerprint(recipe.source["model"]), recipe.export, versions())
+    log(f"{recipe.name} ({recipe.export['format']} of {source_spec(recipe)})")
+    export_inputs = fingerprint(source_fingerprint(source_spec(recipe)), recipe.export, versions())
     record = folder / "export.json"
     if book.is_current("export", export_inputs) and artifact.is_dir() and not verify(artifact) and record.is_file():
         log("  export: up to date (manifest verifies)")
@@ -159,29 +168,31 @@ def run_recipe(recipe: Recipe, out_root: Path, force: bool, log: Log) -> dict:
 
 def reference_row(recipe: Recipe, out_root: Path, log: Log) -> dict:
     """The source model measured once per run (it checks itself: KL 0, top-1 100 %)."""
-    folder = out_root / f"reference-{fingerprint(recipe.source)}"
-    folder.mkdir(parents=True, exist_ok=True)
-    log(f"reference ({recipe.source['model']})")
-    return measure_rows("reference", recipe.source["model"], folder, StageBook(folder / "stages.json"),
-                        source_fingerprint(recipe.source["model"]), eval_request(recipe), bench_settings(recipe), log)
+    spec = source_spec(recipe)
+    log(f"reference ({spec})")
+    with stage_folder(out_root / f"reference-{fingerprint(recipe.source)}", log) as folder:
+        return measure_rows("reference", spec, folder, StageBook(folder / "stages.json"), source_fingerprint(spec),
+                            eval_request(recipe), bench_settings(recipe), log)
 
 
 def run(recipe_paths: list[str], out_root: Path, force: bool = False, results: Path = RESULTS,
-        table_name: str | None = None, model: str | None = None, overrides: Sequence[str] = (),
-        log: Log = print) -> dict[str, Path]:
-    """Run every recipe (with `model` replacing their source, e.g. a local folder for a hub id, and `overrides`
-    applied), then write one table (reference first) to `results`."""
-    recipes = [load_recipe(path, overrides) for path in recipe_paths]
-    if model is not None:
-        recipes = [dataclasses.replace(r, source={**r.source, "model": model}) for r in recipes]
-    shared = {(r.source["model"], r.source["dtype"], json.dumps(r.eval), json.dumps(r.bench)) for r in recipes}
+        table_name: str | None = None, model: str | None = None, revision: str | None = None,
+        overrides: Sequence[str] = (), log: Log = print) -> dict[str, Path]:
+    """Run every recipe (with `model` replacing their source, e.g. a local folder for a hub id, `revision` pinning
+    it and `overrides` applied), then write one table (reference first) to `results`."""
+    recipes = [override_source(load_recipe(path, overrides), model, revision) for path in recipe_paths]
+    shared = {(source_spec(r), r.source["dtype"], json.dumps(r.eval), json.dumps(r.bench)) for r in recipes}
     if len(shared) > 1:
         raise QuantkitError("recipes in one run must share source, eval and bench settings (run them separately)")
+    model_folder(source_spec(recipes[0]))  # a missing or broken local source fails here, before any folder is made
+    output_folder(out_root)
+    output_folder(results)
     rows = [reference_row(recipes[0], out_root, log)]
     rows += [run_recipe(recipe, out_root, force, log) for recipe in recipes]
     from quantkit.machine import machine_info, machine_line
 
     info = machine_info()
     command = ["quantkit", "run", *recipe_paths, *(["--model", model] if model else []),
+               *(["--revision", revision] if revision else []),
                *(word for override in overrides for word in ("--set", override))]
     return write_report(rows, info, machine_line(info), results, table_name or recipes[0].name, command)

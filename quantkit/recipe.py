@@ -1,7 +1,7 @@
 """Recipes: one TOML file per (model, format), validated against a schema declared as data.
 
     name = "tiny-gptq-4bit"
-    [source]   model (hub id, local folder or preset), dtype of the reference
+    [source]   model (hub id, local folder or preset), revision (a hub commit or tag), dtype of the reference
     [export]   format (gptq | onnx | onnx-int4) and that format's options
     [eval]     data spec, window, stride, kld_tokens
     [bench]    prompt_lengths, batches, decode_tokens, repeats
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import FORMATS
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,11 @@ def strings(default: list[str]) -> Field:
 SCHEMA: dict[str, dict[str, Field]] = {
     "source": {
         "model": Field(str, None, bool, "a hub id, folder or preset"),
+        "revision": Field(str, "", lambda v: v == v.strip() and "@" not in v, "a commit sha or tag, '' = default branch"),
         "dtype": Field(str, "auto", lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
     },
     "export": {
-        "format": one_of("gptq", "onnx", "onnx-int4"),
+        "format": one_of(*FORMATS),
         # GPTQ (and the GPTQ step of onnx-int4)
         "method": one_of("gptq", "rtn"),
         "bits": Field(int, 4, lambda v: v in (2, 3, 4, 8), "2, 3, 4 or 8"),
@@ -165,4 +167,15 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             check_value(path, f"{section}.{key}", value, spec)
             values[key] = float(value) if spec.kind is float else value
         sections[section] = values
+    check_revision(path, sections["source"])
     return Recipe(name=name, path=path, **sections)
+
+
+def check_revision(path: Path, source: dict) -> None:
+    """`source.revision` pins a hub id only."""
+    from quantkit.sources import with_revision
+
+    try:
+        with_revision(source["model"], source["revision"])
+    except QuantkitError as exc:
+        raise QuantkitError(f"{path}: 'source.revision': {exc}") from None

@@ -22,6 +22,7 @@ from quantkit.data import load_dataset
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import Method, perplexity
 from quantkit.fingerprint import source_fingerprint
+from quantkit.paths import atomic_write, output_folder
 from quantkit.sources import default_device
 
 DEFAULT_WINDOW = 2048
@@ -204,14 +205,15 @@ def write_report(rows: list[dict], machine: dict, machine_line: str, out_dir: Pa
                  command: list[str] | None = None) -> dict[str, Path]:
     """benchmarks/results/<name>.json, .md and .png; the first row is the reference. `command`, the command line
     that made the table, is recorded in both."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir)
     first = rows[0]["eval"]
     eval_line = f"Quality: `{first['data']}`, window {first['window']}, stride {first['stride']}; " \
                 f"KLD and top-1 vs the first row; speed through the shared runner, median of repeats."
     paths = {suffix: out_dir / f"{name}.{suffix}" for suffix in ("json", "md", "png")}
     if command:
         eval_line += f"\n\nMade by: `{' '.join(shlex.quote(word) for word in command)}`"
-    paths["json"].write_text(json.dumps({"machine": machine, "command": command, "rows": rows}, indent=2) + "\n")
-    paths["md"].write_text(markdown(rows, machine_line, name, eval_line))
-    plot(rows, paths["png"], name)
+    table = json.dumps({"machine": machine, "command": command, "rows": rows}, indent=2) + "\n"
+    atomic_write(paths["json"], lambda tmp: tmp.write_text(table))
+    atomic_write(paths["md"], lambda tmp: tmp.write_text(markdown(rows, machine_line, name, eval_line)))
+    atomic_write(paths["png"], lambda tmp: plot(rows, tmp, name))
     return paths

@@ -9,6 +9,7 @@ import torch
 
 from quantkit.backends.base import Backend
 from quantkit.chat import Sampler
+from quantkit.errors import QuantkitError
 
 TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is accepted
 
@@ -54,10 +55,14 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     stop_token: int | None = None  # the stop id that ended the row; None when the length limit did
     timings: Timings = field(default_factory=Timings)
+    context_capped: bool = False  # max_new_tokens was cut to what the model's positions leave
 
     @property
     def stop_reason(self) -> str:
-        return "length" if self.stop_token is None else "stop_token"
+        """'stop_token', 'context' (ran into the capped length) or 'length' (ran into max_new_tokens)."""
+        if self.stop_token is not None:
+            return "stop_token"
+        return "context" if self.context_capped else "length"
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +87,22 @@ def synchronize(device: str) -> float:
     return time.perf_counter()
 
 
+def fit_context(longest_prompt: int, max_new_tokens: int, max_positions: int, cap: bool) -> int:
+    """`max_new_tokens`, or with `cap` the most that fit beside the longest prompt; refuses (QuantkitError) what
+    cannot fit, as vLLM does: prompt + max_new_tokens must not exceed the model's positions."""
+    room = max_positions - longest_prompt
+    if longest_prompt + max_new_tokens <= max_positions:
+        return max_new_tokens
+    if cap and room >= 1:
+        return room
+    if room < 1:
+        raise QuantkitError(f"the prompt's {longest_prompt} tokens leave no room for a new token in the model's "
+                            f"{max_positions} positions")
+    raise QuantkitError(f"the prompt's {longest_prompt} tokens + max_new_tokens {max_new_tokens} = "
+                        f"{longest_prompt + max_new_tokens} exceed the model's {max_positions} positions "
+                        f"(at most {room} new tokens fit)")
+
+
 def generate(
     backend: Backend,
     prompts: Sequence[Sequence[int]],
@@ -89,17 +110,25 @@ def generate(
     sampler: Sampler,
     stop_ids: Sequence[int],
     on_token: TokenCallback | None = None,
+    *,
+    cap_to_context: bool = False,
 ) -> list[Generation]:
-    """Generate for a batch of token-id prompts; each row stops at its own stop token or at the length limit."""
+    """Generate for a batch of token-id prompts; each row stops at its own stop token or at the length limit.
+
+    A request that would run past `backend.max_positions` is refused before any work, or with `cap_to_context`
+    its `max_new_tokens` is cut to what fits (rows that reach that cut report stop reason "context").
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    asked = max_new_tokens
+    max_new_tokens = fit_context(max(map(len, prompts)), asked, backend.max_positions, cap_to_context)
     device = backend.device
     pad_id = backend.tokenizer.pad_token_id if backend.tokenizer.pad_token_id is not None else 0
     stops = set(stop_ids)
     input_ids, mask = left_pad(prompts, pad_id, device)
-    results = [Generation(prompt_ids=list(p)) for p in prompts]
+    results = [Generation(prompt_ids=list(p), context_capped=max_new_tokens < asked) for p in prompts]
     timings = Timings(prompt_tokens=int(mask.sum()))
     for result in results:
         result.timings = timings

@@ -1,33 +1,31 @@
 """A tiny, really trained StableLM-Tuned-Alpha look-alike, so every export path can be checked on a laptop CPU.
 
 The model is a scaled-down StableLM-Alpha (GPT-NeoX: rotary_pct 0.25, rotary base 10000, parallel residual,
-untied embeddings, LayerNorm eps 1e-5, GELU, 4x MLP) trained from a fixed seed on one CPU thread (about 100 CPU
-seconds; one thread keeps runs bit-reproducible). Its text is the one English corpus every Python install has
-offline: the language reference in `pydoc_data.topics` (~465 KB; it differs between Python versions, so its hash
-is part of the cache key). The topics are cut into their reST sections in sorted topic order; a section title seen
-before is dropped, since topics overlap ("compound" repeats "if", "while", ...), so no held-out text is trained on.
+untied embeddings, LayerNorm eps 1e-5, GELU, 4x MLP) trained from a fixed seed on one CPU thread (one thread keeps
+runs bit-reproducible) on the corpus of `quantkit.corpus`: Python reference sections, WikiText-2 *valid* articles
+and HH-RLHF *helpful* dialogues, every document a StableLM chat, every 10th document of each source held out.
+Training draws fixed-length windows at seeded random offsets of the token stream of the training text. Held-out
+perplexity is token-level, over non-overlapping windows of the training context length, on the saved (fp16)
+weights, and uses every logit row (the padding rows included).
 
-Each section is one document, rendered in the StableLM chat format:
-`render_prompt("Explain <title>.") + <section text> + "<|endoftext|>"`. The documents are concatenated with nothing
-in between (the end-of-text token separates them). Every 10th document (indices 9, 19, ...) is held out.
-`train.txt` and `heldout.txt` hold those two texts exactly as they are tokenized. Training draws fixed-length
-windows at seeded random offsets of the token stream of `train.txt`. Held-out perplexity is token-level, over
-non-overlapping windows of the training context length, and uses every logit row (the padding rows included).
-
-Two variants, one architecture at two sizes (see `_VARIANTS`):
-  "own"       a 4000-id byte-level BPE tokenizer trained on train.txt, laid out like StableLM's: <|endoftext|>=0,
-              <|padding|>=1, ..., <|SYSTEM|>, <|USER|>, <|ASSISTANT|> as the last three ids;
-  "stablelm"  the real StableLM-Tuned-Alpha tokenizer (50280 ids) from the shared data folder.
+Two variants, one architecture at two sizes (see `VARIANTS`):
+  "own"       an 8000-id byte-level BPE tokenizer trained on the training text, laid out like StableLM's:
+              <|endoftext|>=0, <|padding|>=1, ..., <|SYSTEM|>, <|USER|>, <|ASSISTANT|> as the last three ids.
+              Trained once (about an hour on one core: `make tiny-model`) and committed in `quantkit/tiny_model/`.
+  "stablelm"  the real StableLM-Tuned-Alpha tokenizer (50280 ids) from the shared data folder; its 50304-row
+              embeddings do not fit the size allowed in git, so it is trained on first use (minutes) and cached.
 Embedding and head rows are padded to a multiple of 128 beyond the tokenizer, as in the real checkpoints.
 
-`tiny_folder()` returns `<cache>/tiny-<variant>-<hash>/` holding `model/` (a normal HF checkpoint with tokenizer
-files), `train.txt`, `heldout.txt` and `metrics.json` (held-out perplexity, train time, steps, sizes). The hash
-covers every setting, the model config, the corpus bytes, the tokenizer file and VERSION: any change retrains.
+A model folder holds `model/` (a normal HF checkpoint, fp16 safetensors, with tokenizer files) and `metrics.json`
+(held-out perplexity, train time, steps, sizes and the key). A cached folder is `<cache>/tiny-<variant>-<hash>/`,
+the hash covering every setting, the model config, the corpus bytes, the tokenizer file and VERSION. The corpus
+itself is rebuilt from its sources when needed (datasets `tiny-train`, `tiny-heldout`), never committed: it is
+derived from the shared data.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -37,7 +35,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -47,21 +44,23 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from tqdm import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from quantkit.chat import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN, render_prompt
+from quantkit.chat import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN, chat_template
+from quantkit.corpus import build_corpus
 from quantkit.errors import QuantkitError
-from quantkit.paths import cache_dir, data_dir
-from quantkit.sources import STABLELM_TOKENIZER, RandomShape, load_tokenizer
+from quantkit.paths import cache_dir, data_dir, file_lock
+from quantkit.shapes import STABLELM_TOKENIZER, RandomShape
 
-VERSION = 1  # bump when the training code changes in a way the settings do not show
+VERSION = 2  # bump when the training code changes in a way the settings do not show
 ENDOFTEXT, PADDING = "<|endoftext|>", "<|padding|>"
 CHAT_TOKENS = (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
-HELDOUT_EVERY = 10
 ROW_MULTIPLE = 128
-_HEADING = re.compile(r"^(.+)\n([*=~-]+)\n", re.MULTILINE)  # reST: a title underlined to its length
+COMMITTED = Path(__file__).resolve().parent / "tiny_model"  # the "own" model, as `make tiny-model` trains it
+# Transformers 5 saves a fast tokenizer as "TokenizersBackend", a class 4.x does not know; both read this name.
+PORTABLE_TOKENIZER_CLASS = "GPTNeoXTokenizer"
 
 
 @dataclasses.dataclass(frozen=True)
-class _Settings:
+class Settings:
     vocab: int  # tokenizer size of the "own" tokenizer (ignored for "stablelm")
     hidden: int
     layers: int
@@ -75,55 +74,66 @@ class _Settings:
     threads: int = 1  # one thread: bit-reproducible, and no slower when the CPU is shared
 
 
-_VARIANTS = {
-    "own": _Settings(vocab=4000, hidden=256, layers=2, heads=4, context=256, batch=8, steps=96, lr=6e-3, warmup=8),
-    # The 50304-row head makes a token ~4x dearer even at half the width: smaller batches, fewer steps.
-    "stablelm": _Settings(vocab=0, hidden=128, layers=2, heads=4, context=256, batch=4, steps=48, lr=1e-2, warmup=5),
+VARIANTS = {
+    "own": Settings(vocab=8000, hidden=256, layers=4, heads=4, context=256, batch=16, steps=1400, lr=3e-3, warmup=50),
+    # The 50304-row head makes a token dearer even at half the width: trained on first use, so kept short.
+    "stablelm": Settings(vocab=0, hidden=128, layers=2, heads=4, context=256, batch=8, steps=160, lr=6e-3, warmup=10),
 }
 
 
 def tiny_folder(tokenizer: str = "own") -> Path:
-    """The cached tiny model folder for tokenizer "own" or "stablelm", trained (about 2 minutes) on first use."""
-    if tokenizer not in _VARIANTS:
-        raise QuantkitError(f"unknown tiny-model tokenizer '{tokenizer}' (choose from {', '.join(_VARIANTS)})")
-    settings = _VARIANTS[tokenizer]
-    train_text, heldout_text = _corpus()
-    source = _stablelm_tokenizer_file() if tokenizer == "stablelm" else None
+    """The tiny model folder for tokenizer "own" (committed) or "stablelm" (trained on first use, cached)."""
+    if tokenizer not in VARIANTS:
+        raise QuantkitError(f"unknown tiny-model tokenizer '{tokenizer}' (choose from {', '.join(VARIANTS)})")
+    if tokenizer == "own":
+        return committed_folder()
+    return cached_folder(tokenizer, VARIANTS[tokenizer])
+
+
+def committed_folder() -> Path:
+    """The committed "own" model, refused when missing or trained with other settings than `VARIANTS["own"]`."""
+    metrics = COMMITTED / "metrics.json"
+    if not metrics.is_file():
+        raise QuantkitError(f"the tiny model is missing at {COMMITTED}: run `make tiny-model` to train it")
+    if json.loads(metrics.read_text())["key"]["settings"] != dataclasses.asdict(VARIANTS["own"]):
+        raise QuantkitError(f"the tiny model at {COMMITTED} was trained with other settings: run `make tiny-model`")
+    return COMMITTED
+
+
+def cached_folder(variant: str, settings: Settings) -> Path:
+    """`<cache>/tiny-<variant>-<hash>`, trained there on first use; concurrent first uses train once."""
+    key = training_key(variant, settings)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir() / f"tiny-{variant}-{digest}"
+    with file_lock(folder.with_name(folder.name + ".lock")):
+        if not folder.is_dir():
+            with _staged(folder) as staging:
+                _build(staging, variant, settings, key)
+    return folder
+
+
+def training_key(variant: str, settings: Settings) -> dict:
+    """Everything a trained model depends on: any change here means another model."""
+    source = _stablelm_tokenizer_file() if variant == "stablelm" else None
     architecture = _config(settings, settings.vocab).to_diff_dict()
     architecture.pop("transformers_version")
-    key = {
+    train_text, heldout_text = corpus()
+    return {
         "version": VERSION,
-        "variant": tokenizer,
+        "variant": variant,
         "settings": dataclasses.asdict(settings),
         "config": architecture,
         "corpus_sha256": hashlib.sha256((train_text + heldout_text).encode()).hexdigest(),
         "tokenizer_sha256": hashlib.sha256(source.read_bytes()).hexdigest() if source else None,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir() / f"tiny-{tokenizer}-{digest}"
-    with _lock(folder.with_name(folder.name + ".lock")):
-        if not folder.is_dir():
-            with _staged(folder) as staging:
-                _build(staging, tokenizer, settings, train_text, heldout_text, key)
-    return folder
 
 
-def _corpus() -> tuple[str, str]:
-    """(train text, held-out text): pydoc topic sections rendered as chat turns, every 10th one held out."""
-    from pydoc_data.topics import topics
-
-    sections: dict[str, str] = {}  # title -> text; topics overlap ("compound" repeats "if", ...): keep the first
-    for name in sorted(topics):
-        text = topics[name].strip()
-        starts = [m.start() for m in _HEADING.finditer(text) if len(m.group(2)) == len(m.group(1))]
-        for start, end in zip([0, *starts], [*starts, len(text)]):
-            section = text[start:end].strip()
-            if section:
-                sections.setdefault(section.partition("\n")[0], section)
-    documents = [render_prompt(f"Explain {title}.") + text + ENDOFTEXT for title, text in sections.items()]
-    heldout = [doc for i, doc in enumerate(documents) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
-    train = [doc for i, doc in enumerate(documents) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
-    return "".join(train), "".join(heldout)
+def corpus() -> tuple[str, str]:
+    """(train text, held-out text) of `quantkit.corpus`, which needs the shared data folder."""
+    shared = data_dir(required=False)
+    if shared is None:
+        raise QuantkitError("the tiny model's corpus needs the shared data folder (set QUANTKIT_DATA)")
+    return build_corpus(shared)
 
 
 def _stablelm_tokenizer_file() -> Path:
@@ -135,17 +145,6 @@ def _stablelm_tokenizer_file() -> Path:
             "which was not found (set QUANTKIT_DATA to the shared data folder, or use the 'own' tokenizer)"
         )
     return file
-
-
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock across processes, so concurrent first uses train once and the others wait."""
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -161,28 +160,31 @@ def _staged(folder: Path) -> Iterator[Path]:
         raise
 
 
-def _build(out: Path, variant: str, settings: _Settings, train_text: str, heldout_text: str, key: dict) -> None:
-    (out / "train.txt").write_text(train_text, encoding="utf-8")
-    (out / "heldout.txt").write_text(heldout_text, encoding="utf-8")
+def _build(out: Path, variant: str, settings: Settings, key: dict) -> None:
+    """Train `variant` with `settings` and save it in `out`: `model/` (fp16 safetensors, tokenizer) + metrics.json."""
+    train_text, heldout_text = corpus()
     if variant == "stablelm":
-        tokenizer = load_tokenizer(_stablelm_tokenizer_file().parent)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(_stablelm_tokenizer_file().parent)
     else:
         tokenizer = _train_tokenizer(train_text, settings.vocab)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
         start, cpu_start = time.perf_counter(), time.process_time()
-        model, final_loss = _train(tokenizer, settings, train_text)
+        model, losses = _train(tokenizer, settings, train_text)
         train_seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        perplexity, tokens = _heldout_perplexity(model, tokenizer, heldout_text, settings.context)
+        model = model.to(torch.float16)  # what is saved; it is scored as saved
+        perplexity, tokens = _heldout_perplexity(model.float(), tokenizer, heldout_text, settings.context)
     finally:
         torch.set_num_threads(threads)
-    model.save_pretrained(out / "model", safe_serialization=True)
+    model.to(torch.float16).save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
+    _make_tokenizer_config_portable(out / "model" / "tokenizer_config.json")
     metrics = {
         "heldout_perplexity": perplexity,
         "heldout_tokens": tokens,
-        "final_train_loss": final_loss,
+        "first_train_loss": sum(losses[:10]) / len(losses[:10]),
+        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(cpu_seconds, 1),
         "steps": settings.steps,
@@ -197,6 +199,14 @@ def _build(out: Path, variant: str, settings: _Settings, train_text: str, heldou
         f"{settings.steps} steps in {train_seconds:.0f} s ({cpu_seconds:.0f} s CPU)",
         file=sys.stderr,
     )
+
+
+def _make_tokenizer_config_portable(path: Path) -> None:
+    """A tokenizer class transformers 4.x and 5.x both read, and the StableLM prompt as the chat template."""
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    config["chat_template"] = chat_template()
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _train_tokenizer(train_text: str, vocab: int) -> PreTrainedTokenizerFast:
@@ -226,7 +236,7 @@ def _train_tokenizer(train_text: str, vocab: int) -> PreTrainedTokenizerFast:
     )
 
 
-def _config(settings: _Settings, tokenizer_size: int) -> GPTNeoXConfig:
+def _config(settings: Settings, tokenizer_size: int) -> GPTNeoXConfig:
     rows = math.ceil(tokenizer_size / ROW_MULTIPLE) * ROW_MULTIPLE
     config = RandomShape(hidden=settings.hidden, layers=settings.layers, heads=settings.heads, vocab_rows=rows).config()
     config.max_position_embeddings = settings.context  # what it was trained on
@@ -236,11 +246,11 @@ def _config(settings: _Settings, tokenizer_size: int) -> GPTNeoXConfig:
 
 
 def _train(
-    tokenizer: PreTrainedTokenizerBase, settings: _Settings, train_text: str
-) -> tuple[GPTNeoXForCausalLM, float]:
+    tokenizer: PreTrainedTokenizerBase, settings: Settings, train_text: str
+) -> tuple[GPTNeoXForCausalLM, list[float]]:
     """AdamW, linear warmup then cosine decay to 10%, on seeded random windows of the training tokens.
 
-    Returns the model and the mean loss of the last 10 steps."""
+    Returns the model and the loss of every step."""
     torch.manual_seed(settings.seed)
     model = GPTNeoXForCausalLM(_config(settings, len(tokenizer)))
     model.train()
@@ -258,7 +268,7 @@ def _train(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     bar = tqdm(range(settings.steps), desc=f"training tiny model ({len(tokenizer)} ids)", file=sys.stderr)
-    recent: deque[float] = deque(maxlen=10)
+    losses: list[float] = []
     for _ in bar:
         starts = torch.randint(0, len(ids) - settings.context, (settings.batch,), generator=generator)
         batch = torch.stack([ids[s : s + settings.context] for s in starts.tolist()])
@@ -268,9 +278,9 @@ def _train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        recent.append(loss.item())
-        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)
-    return model.eval(), sum(recent) / len(recent)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", refresh=False)
+    return model.eval(), losses
 
 
 @torch.no_grad()
@@ -287,3 +297,27 @@ def _heldout_perplexity(
         total += loss.item() * (window.shape[1] - 1)
         count += window.shape[1] - 1
     return math.exp(total / count), count
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m quantkit.tiny own --out quantkit/tiny_model`: (re)train a variant into a folder."""
+    parser = argparse.ArgumentParser(prog="python -m quantkit.tiny", description=main.__doc__)
+    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("--out", type=Path, required=True, help="folder to write (replaced when training succeeds)")
+    args = parser.parse_args(argv)
+    settings = VARIANTS[args.variant]
+    out = args.out.resolve()
+    try:
+        with _staged(out.with_name(out.name + ".new")) as staging:
+            _build(staging, args.variant, settings, training_key(args.variant, settings))
+    except QuantkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(out.with_name(out.name + ".new"), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,8 @@
 """Shared fixtures: the trained tiny model, the real StableLM tokenizer, a 3B-shaped model cut to 2 layers."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,6 +31,14 @@ def stablelm_tokenizer(shared_data):
 def tiny_backend() -> TorchBackend:
     model, tokenizer = load_model("tiny", dtype=torch.float32, device="cpu")
     return TorchBackend(model, tokenizer, name="torch-fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp32(tmp_path_factory) -> Path:
+    """The tiny model as a validated fp32 ONNX artifact, exported once per session: treat it as read-only."""
+    from quantkit.export.onnx import OnnxOptions, export_onnx
+
+    return export_onnx("tiny", tmp_path_factory.mktemp("onnx") / "tiny-fp32", OnnxOptions(dtype="fp32", device="cpu"))
 
 
 @pytest.fixture(scope="session")

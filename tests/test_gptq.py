@@ -23,7 +23,7 @@ from quantkit.calib import calibration_samples, default_calib, load_calibration,
 from quantkit.chat import render_dialogue, stop_token_ids
 from quantkit.cli import main
 from quantkit.data import load_dataset
-from quantkit.downstream import check_serving_contract
+from quantkit.formats import serving_problems
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import Method, perplexity
 from quantkit.export import gptq as gptq_export
@@ -233,6 +233,8 @@ def test_tokenizer_and_generation_config(gptq_folder):
     backend = open_gptq(gptq_folder, "cpu")
     generation = json.loads((gptq_folder / "generation_config.json").read_text())
     assert generation["eos_token_id"] == stop_token_ids(backend.tokenizer)
+    assert backend.max_positions == json.loads((gptq_folder / "config.json").read_text())[
+        "max_position_embeddings"] == 256  # the runner's context limit comes from the artifact's config
 
 
 def test_plain_transformers_reload_matches_backend(gptq_folder, heldout_tokens):
@@ -407,7 +409,7 @@ BREAKAGES = {
 
 def test_serving_contract_holds_for_every_export(gptq_folder, act_order_folder, rtn_folder):
     for folder in (gptq_folder, act_order_folder, rtn_folder):
-        assert check_serving_contract(folder, "gptq") == []
+        assert serving_problems(folder, "gptq") == []
 
 
 @pytest.mark.parametrize("breakage", BREAKAGES)
@@ -415,7 +417,7 @@ def test_serving_contract_names_each_breakage(rtn_folder, tmp_path, capsys, brea
     broken = shutil.copytree(rtn_folder, tmp_path / "broken")
     edit, message = BREAKAGES[breakage]
     edit(broken)
-    problems = check_serving_contract(broken, "gptq")
+    problems = serving_problems(broken, "gptq")
     assert any(message in p for p in problems), problems
     assert main(["verify", str(broken)]) == 1
     assert message in capsys.readouterr().out

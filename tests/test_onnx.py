@@ -19,7 +19,7 @@ from quantkit.backends.onnxrt import OnnxBackend, cuda_usable
 from quantkit.backends.pytorch import TorchBackend
 from quantkit.chat import Sampler, render_prompt
 from quantkit.cli import main
-from quantkit.downstream import check_serving_contract
+from quantkit.formats import serving_problems
 from quantkit.export import onnx as onnx_export
 from quantkit.export import onnx_graph
 from quantkit.export.artifact import verify
@@ -38,8 +38,8 @@ def exports(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_fp32(exports) -> Path:
-    return export_onnx("tiny", exports / "tiny-fp32", OnnxOptions(dtype="fp32", device="cpu"))
+def tiny_fp32(tiny_onnx_fp32) -> Path:
+    return tiny_onnx_fp32
 
 
 @pytest.fixture(scope="module")
@@ -281,11 +281,44 @@ ONNX_BREAKAGES = {
         lambda f: (f / "config.json").write_text(json.dumps(json.loads((f / "config.json").read_text())
                                                             | {"num_hidden_layers": 3})),
         "inputs: missing ['past_key_values.2.key', 'past_key_values.2.value']"),
+    "genai config lost": (lambda f: (f / "genai_config.json").unlink(), "genai_config.json: missing"),
+    "genai config names other cache inputs": (
+        lambda f: edit_json(f / "genai_config.json",
+                            lambda c: c["model"]["decoder"]["inputs"].update(past_key_names="past.%d.key")),
+        "decoder.inputs.past_key_names is 'past.%d.key'"),
+    "genai config stops elsewhere": (
+        lambda f: edit_json(f / "genai_config.json", lambda c: c["model"].update(eos_token_id=[0])),
+        "model.eos_token_id is [0]"),
+    "chat template lost": (lambda f: edit_json(f / "tokenizer_config.json", lambda c: c.pop("chat_template")),
+                           "chat_template is not the StableLM prompt format"),
 }
 
 
+def edit_json(path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_genai_config_describes_the_graph(tiny_fp32):
+    genai = json.loads((tiny_fp32 / "genai_config.json").read_text())
+    config = json.loads((tiny_fp32 / "config.json").read_text())
+    graph = onnx.load(tiny_fp32 / "model.onnx", load_external_data=False).graph
+    decoder = genai["model"]["decoder"]
+    names = {i.name for i in graph.input} | {o.name for o in graph.output}
+    for layer in range(decoder["num_hidden_layers"]):
+        for pattern in (*decoder["inputs"].values(), *decoder["outputs"].values()):
+            assert (pattern % layer if "%d" in pattern else pattern) in names
+    assert decoder["num_hidden_layers"] == config["num_hidden_layers"]
+    assert decoder["head_size"] * decoder["num_attention_heads"] == config["hidden_size"]
+    assert genai["model"]["vocab_size"] == config["vocab_size"]
+    assert genai["model"]["eos_token_id"] == json.loads((tiny_fp32 / "generation_config.json").read_text())["eos_token_id"]
+    assert genai["model"]["context_length"] == config["max_position_embeddings"]
+    assert genai["search"]["do_sample"] is False
+
+
 def test_serving_contract_holds(tiny_fp16, tiny_fp32):
-    assert check_serving_contract(tiny_fp16, "onnx") == [] and check_serving_contract(tiny_fp32, "onnx") == []
+    assert serving_problems(tiny_fp16, "onnx") == [] and serving_problems(tiny_fp32, "onnx") == []
 
 
 @pytest.mark.parametrize("breakage", ONNX_BREAKAGES)
@@ -293,5 +326,5 @@ def test_serving_contract_names_each_breakage(tiny_fp32, tmp_path, breakage):
     broken = shutil.copytree(tiny_fp32, tmp_path / "broken")
     edit, message = ONNX_BREAKAGES[breakage]
     edit(broken)
-    problems = check_serving_contract(broken, "onnx")
+    problems = serving_problems(broken, "onnx")
     assert any(message in p for p in problems), problems

@@ -129,6 +129,8 @@ def test_sigkill_during_export_leaves_nothing_then_rerun_completes(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (staging / "artifact").exists()
+    stages = staging / "stages.json"
+    assert not stages.exists() or isinstance(json.loads(stages.read_text()), dict)  # never half-written
 
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert verify(staging / "artifact") == []

@@ -1,10 +1,13 @@
 """The shared KV-cache loop against transformers' own generate, per-row stopping, streaming."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from quantkit.chat import Sampler, render_prompt, stop_token_ids
+from quantkit.errors import QuantkitError
 from quantkit.runner import generate
 
 QUESTIONS = ["Explain the assert statement.", "What does the with statement do?", "Tell me about integer literals and how Python parses them."]
@@ -96,3 +99,57 @@ def test_seeded_sampling_through_the_loop(tiny_backend):
 
     assert run(1) == run(1)
     assert run(1) != run(2)
+
+
+class CountingBackend:
+    """The tiny backend, counting forward calls (a refused request must not run one)."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.forwards = backend, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def forward(self, *args, **kwargs):
+        self.forwards += 1
+        return self.backend.forward(*args, **kwargs)
+
+
+def test_request_past_the_context_is_refused_before_any_work(tiny_backend):
+    backend = CountingBackend(tiny_backend)
+    prompts = encode(tiny_backend, QUESTIONS)
+    longest = max(map(len, prompts))
+    room = tiny_backend.max_positions - longest
+    with pytest.raises(QuantkitError) as error:
+        generate(backend, prompts, room + 1, Sampler(), stop_ids=[])
+    assert str(error.value) == (f"the prompt's {longest} tokens + max_new_tokens {room + 1} = {longest + room + 1} "
+                                f"exceed the model's 256 positions (at most {room} new tokens fit)")
+    assert backend.forwards == 0
+    exact = generate(backend, prompts, room, Sampler(), stop_ids=[])  # exactly filling the context is allowed
+    assert [len(r.token_ids) for r in exact] == [room] * 3 and {r.stop_reason for r in exact} == {"length"}
+
+
+def test_cap_to_context_fits_the_longest_prompt_and_says_so(tiny_backend):
+    prompts = encode(tiny_backend, QUESTIONS)
+    room = tiny_backend.max_positions - max(map(len, prompts))
+    capped = generate(tiny_backend, prompts, 1000, Sampler(), stop_ids=[], cap_to_context=True)
+    assert [len(r.token_ids) for r in capped] == [room] * 3
+    assert {r.stop_reason for r in capped} == {"context"}
+    assert [r.token_ids for r in capped] == [r.token_ids for r in generate(tiny_backend, prompts, room, Sampler(), [])]
+    stopped = generate(tiny_backend, prompts, 1000, Sampler(), stop_token_ids(tiny_backend.tokenizer),
+                       cap_to_context=True)
+    assert all(r.stop_reason == ("stop_token" if r.stop_token is not None else "context") for r in stopped)
+
+
+def test_a_prompt_that_fills_the_context_is_refused_even_when_capping(tiny_backend):
+    prompt = [5] * tiny_backend.max_positions
+    with pytest.raises(QuantkitError, match="prompt's 256 tokens leave no room for a new token in the model's 256"):
+        generate(tiny_backend, [prompt], 1, Sampler(), stop_ids=[], cap_to_context=True)
+
+
+def test_backends_report_their_configs_positions(tiny_backend, tiny_onnx_fp32):
+    from quantkit.backends import open_backend
+
+    config = json.loads((tiny_onnx_fp32 / "config.json").read_text())
+    assert tiny_backend.max_positions == config["max_position_embeddings"] == 256
+    assert open_backend(str(tiny_onnx_fp32), device="cpu").max_positions == 256

@@ -21,6 +21,9 @@ from quantkit.errors import QuantkitError
 from quantkit.sources import default_device, first_line, load_tokenizer
 
 
+BITS = (2, 3, 4, 8)  # the widths gptqmodel's kernels run
+
+
 def activation_dtype(device: str) -> torch.dtype:
     return torch.float16 if device.startswith("cuda") else torch.bfloat16
 
@@ -37,6 +40,9 @@ def open_gptq(folder: Path, device: str | None = None) -> TorchBackend:
     """The runner backend for a GPTQ artifact folder (config.json with quantization_config)."""
     device = device or default_device()
     quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
+    if quantization.get("bits") not in BITS:
+        raise QuantkitError(f"{folder / 'config.json'}: quantization_config bits is {quantization.get('bits')!r}, "
+                            f"expected one of {', '.join(map(str, BITS))}")
     try:
         with contextlib.redirect_stdout(sys.stderr):  # gptqmodel logs to stdout, which is the answer's (--json)
             model = AutoModelForCausalLM.from_pretrained(

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.export.onnx_graph import DATA_FILE, INPUT_NAMES, MODEL_FILE, past_names, present_names
+from quantkit.export.onnx_graph import DATA_FILE, INPUT_NAMES, MODEL_FILE, io_names, past_names, present_names
 from quantkit.sources import load_tokenizer
 
 CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -60,6 +60,17 @@ def open_session(model_path: Path, device: str) -> ort.InferenceSession:
         raise QuantkitError(f"ONNX Runtime could not load {model_path}: {str(exc).strip().splitlines()[0]}") from None
 
 
+def check_io(session: ort.InferenceSession, layers: int, model_path: Path) -> None:
+    """Refuse a graph that lacks an input or output the runner binds (e.g. one exported without position_ids)."""
+    expected_inputs, expected_outputs = io_names(layers)
+    for kind, expected, actual in (("inputs", expected_inputs, session.get_inputs()),
+                                   ("outputs", expected_outputs, session.get_outputs())):
+        missing = sorted(set(expected) - {value.name for value in actual})
+        if missing:
+            raise QuantkitError(f"{model_path} lacks the {kind} {', '.join(missing)} that quantkit's runner binds "
+                                f"(expected the graph of `quantkit export --fmt onnx`)")
+
+
 def numpy_type(dtype: torch.dtype) -> type:
     return torch.empty(0, dtype=dtype).numpy().dtype.type
 
@@ -76,6 +87,7 @@ class OnnxBackend:
         self.session = open_session(folder / MODEL_FILE, self.device)
         self.tokenizer = load_tokenizer(folder)
         self.layers = config["num_hidden_layers"]
+        check_io(self.session, self.layers, folder / MODEL_FILE)
         self.heads = config["num_attention_heads"]
         self.head_dim = config["hidden_size"] // self.heads
         self.vocab_rows = config["vocab_size"]

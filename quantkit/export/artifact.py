@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -12,8 +11,10 @@ from typing import Iterator
 
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from quantkit.chat import CARD_MAX_NEW_TOKENS, CARD_TEMPERATURE, stop_token_ids
+from quantkit.chat import CARD_MAX_NEW_TOKENS, CARD_TEMPERATURE, chat_template, stop_token_ids
 from quantkit.errors import QuantkitError
+from quantkit.fingerprint import sha256_file
+from quantkit.paths import output_folder
 
 MANIFEST = "quantkit.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -29,7 +30,7 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not overwrite:
         raise QuantkitError(f"output folder exists: {out} (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(out.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield staging
@@ -80,7 +81,9 @@ def write_config(config: PretrainedConfig, dst: Path, extra: dict | None = None)
 
 
 def copy_tokenizer_files(tokenizer: PreTrainedTokenizerBase, dst: Path) -> None:
-    """The source's tokenizer files byte for byte when they are on disk, else as transformers saves them."""
+    """The source's tokenizer files byte for byte when they are on disk (else as transformers saves them), with
+    the StableLM prompt format added to tokenizer_config.json as its `chat_template`, so `apply_chat_template`
+    and chat servers (vLLM's /v1/chat/completions) render the card's prompt."""
     src = Path(tokenizer.name_or_path)
     if all((src / name).is_file() for name in TOKENIZER_FILES[:2]):
         for name in TOKENIZER_FILES:
@@ -88,6 +91,11 @@ def copy_tokenizer_files(tokenizer: PreTrainedTokenizerBase, dst: Path) -> None:
                 shutil.copy2(src / name, dst / name)
     else:
         tokenizer.save_pretrained(dst)
+    config_file = dst / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = chat_template()
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (dst / "chat_template.jinja").unlink(missing_ok=True)  # transformers 5 may save it apart; keep one copy
 
 
 def write_generation_config(tokenizer: PreTrainedTokenizerBase, dst: Path) -> None:
@@ -103,18 +111,10 @@ def write_generation_config(tokenizer: PreTrainedTokenizerBase, dst: Path) -> No
     ).save_pretrained(dst)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` except the manifest, by relative path."""
     return {
-        str(path.relative_to(folder)): sha256(path)
+        str(path.relative_to(folder)): sha256_file(path)
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }
@@ -123,9 +123,9 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def write_manifest(folder: Path, info: dict) -> None:
     """quantkit.json: `info` (recipe, options, versions, validation, metrics) plus the sha256 of every file. The
     last step before publishing, so it first refuses a folder that misses what a downstream loader expects."""
-    from quantkit.downstream import check_serving_contract
+    from quantkit.formats import serving_problems
 
-    problems = check_serving_contract(folder, info["format"])
+    problems = serving_problems(folder, info["format"])
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise QuantkitError(f"the {info['format']} artifact does not meet its loaders' expectations: {problems[0]}{more}")
@@ -138,6 +138,23 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         raise QuantkitError(f"{folder} has no {MANIFEST}: not a quantkit artifact")
     return json.loads(path.read_text())
+
+
+def source_lines(manifest: dict) -> list[str]:
+    """What `quantkit verify` shows of an artifact's source: where it came from and each weight file's sha256."""
+    source = manifest.get("source")
+    if not isinstance(source, dict):  # artifacts made before sources were recorded name the spec only
+        return [f"source: {source}"] if source else []
+    if "preset" in source:
+        return [f"source: preset {source['model']} (seeded random weights)"]
+    if "hub_id" in source:
+        pinned = f" (revision {source['revision']})" if source["revision"] else " (default branch)"
+        lines = [f"source: hub {source['hub_id']} at commit {source['commit']}{pinned}"]
+    else:
+        lines = [f"source: folder {source['folder']}"]
+    lines += [f"source weights ({source['weights_format']}): {name} sha256 {digest}"
+              for name, digest in source["weights_sha256"].items()]
+    return lines
 
 
 def verify(folder: Path) -> list[str]:

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoConfig, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerBase
 
 from quantkit.agreement import Agreement
 from quantkit.attention import ATTN_IMPLEMENTATION
 from quantkit.backends import open_backend
-from quantkit.backends.gptq import open_gptq
+from quantkit.backends.gptq import BITS, open_gptq
 from quantkit.calib import (
     DEFAULT_CALIB,
     CalibSource,
@@ -49,12 +50,25 @@ from quantkit.export.artifact import (
 )
 from quantkit.paths import cache_dir, data_dir
 from quantkit.report import method_for
-from quantkit.sources import TINY_PRESETS, default_device, load_model, load_tokenizer, model_folder, parse_spec
+from quantkit.sources import (
+    TINY_PRESETS,
+    Checkpoint,
+    default_device,
+    find_checkpoint,
+    load_model,
+    load_tokenizer,
+    model_folder,
+    parse_spec,
+    read_pickle,
+    source_record,
+    weight_index,
+)
 
 METHODS = ("gptq", "rtn")
-BITS = (2, 3, 4, 8)
 QUANTIZE_BATCH = 16  # rows per calibration forward: same bytes as smaller batches, fewer slow hooked passes
 MAX_SHARD_SIZE = "4GB"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 BLOCK_PACK_MIN_PARAMS = 10**9  # below this, packing is seconds and not worth gptqmodel's 2-minute g++ build
 QUALITY_CHARS = 4000  # held-out slice measured at export: ~1000 tokens (3.5 min at 3B width, 2 layers, 2 CPU cores)
 WORK = "work"  # scratch folder inside the staging folder, removed before the rename
@@ -134,17 +148,39 @@ def gptqmodel_api():
 
 
 def source_folder(model: str, work: Path) -> tuple[Path, PreTrainedTokenizerBase]:
-    """A Hugging Face folder of `model` for gptqmodel to read, and the source tokenizer. Local folders and the
-    tiny presets are read in place; random presets, `:layers=N` cuts and hub ids are saved to `work` in fp16."""
+    """A Hugging Face folder of `model` for gptqmodel to read, and the source tokenizer. Safetensors folders (tiny
+    presets and hub snapshots included) are read in place, pickle folders as a safetensors copy; random presets
+    and `:layers=N` cuts are saved to `work` in fp16."""
     folder = None if parse_spec(model).layers else model_folder(model)
     if folder is not None:
-        return folder, load_tokenizer(folder)
+        checkpoint = find_checkpoint(folder)
+        readable = safetensors_copy(checkpoint, work / "source") if checkpoint.pickled else folder
+        return readable, load_tokenizer(folder)
     net, tokenizer = load_model(model, dtype=torch.float16, device="cpu")
     ensure_free_space(work.parent, fp16_bytes(net.config))
     folder = work / "source"
     net.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder, tokenizer
+
+
+def safetensors_copy(checkpoint: Checkpoint, dst: Path) -> Path:
+    """The same tensors, names and dtypes as safetensors, one shard at a time, with the folder's other files.
+    gptqmodel reads safetensors only (for pickles it falls back to a whole-model load and re-save in /tmp)."""
+    ensure_free_space(dst.parent, sum(path.stat().st_size for path in checkpoint.files))
+    dst.mkdir()
+    index = weight_index(checkpoint)  # every pickle passes the safe loader before anything is written
+    names = {path: path.name.replace("pytorch_model", "model").removesuffix(".bin") + ".safetensors"
+             for path in checkpoint.files}
+    for path, name in names.items():
+        save_file(read_pickle(path), dst / name, metadata={"format": "pt"})
+    if len(names) > 1:
+        weight_map = {key: names[path] for key, path in sorted(index.items())}
+        (dst / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    for path in checkpoint.folder.iterdir():
+        if path.is_file() and path.suffix != ".bin" and path.name != PICKLE_INDEX:
+            shutil.copy2(path, dst / path.name)
+    return dst
 
 
 def fp16_bytes(config: GPTNeoXConfig) -> int:
@@ -391,7 +427,7 @@ def export_gptq(model: str, out: Path, options: GptqOptions, *, overwrite: bool 
             timings["total"] = round(time.perf_counter() - start, 2)
             write_manifest(staging, {
                 "format": "gptq",
-                "source": model,
+                "source": source_record(model),
                 "options": asdict(options),
                 "versions": versions(),
                 "quantization_config": qconfig,

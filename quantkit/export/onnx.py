@@ -2,7 +2,8 @@
 against PyTorch with ONNX Runtime before it is published.
 
 Folder: model.onnx, model.onnx.data (every weight, one sidecar), config.json, generation_config.json, tokenizer
-files, README.md (model card) and quantkit.json (manifest). The graph contract is in onnx_graph.py.
+files (with the chat template), genai_config.json (onnxruntime-genai), README.md (model card) and quantkit.json
+(manifest). The graph contract is in onnx_graph.py.
 
 Validation runs the shared runner (quantkit.runner.generate) on fixed chat prompts, at batch 1 and on a left-padded
 batch of 3, with the PyTorch model in the export dtype and then with ONNX Runtime: all prefill logits, then 32
@@ -11,6 +12,7 @@ comparable; its own greedy picks must equal the reference's (which is what makes
 """
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,7 @@ from quantkit.backends.pytorch import TorchBackend
 from quantkit.chat import Sampler, render_prompt
 from quantkit.errors import QuantkitError
 from quantkit.export import onnx_graph
+from quantkit.export.genai import write_genai_config
 from quantkit.export.artifact import (
     copy_tokenizer_files,
     ensure_free_space,
@@ -35,7 +38,17 @@ from quantkit.export.artifact import (
     write_manifest,
 )
 from quantkit.runner import generate, left_pad
-from quantkit.sources import default_device, load_model, load_model_config, load_tokenizer, model_folder
+from quantkit.sources import (
+    default_device,
+    find_checkpoint,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    model_folder,
+    read_pickle,
+    source_record,
+    weight_index,
+)
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 VALIDATION_QUESTIONS = (
@@ -87,16 +100,18 @@ class Source:
 
 
 def checkpoint_reader(folder: Path) -> onnx_graph.WeightReader:
-    """Reads one tensor at a time from the folder's safetensors file(s), sharded or not."""
-    files = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, "pt") as handle:
-            files.update(dict.fromkeys(handle.keys(), path))
+    """Reads one tensor at a time from the folder's safetensors, or its PyTorch pickles, sharded or not."""
+    checkpoint = find_checkpoint(folder)
+    files = weight_index(checkpoint)
+    # A pickle is mapped whole: keep the one shard being read, so RSS stays at about one shard.
+    shard = functools.lru_cache(maxsize=1)(read_pickle)
 
     def read(key: str) -> torch.Tensor:
         name = key if key in files else CHECKPOINT_ALIASES.get(key, key)
         if name not in files:
             raise QuantkitError(f"{folder} has no tensor '{key}'")
+        if checkpoint.pickled:
+            return shard(files[name])[name]
         # Open per tensor: a handle kept open keeps every page it touched mapped, so the process RSS would grow
         # to the whole checkpoint; closed, it stays at about one tensor.
         with safe_open(files[name], "pt") as handle:
@@ -111,9 +126,9 @@ def module_reader(model: torch.nn.Module) -> onnx_graph.WeightReader:
 
 
 def open_source(spec: str, dtype: torch.dtype, device: str) -> Source:
-    """Weights of a folder (tiny presets included) are read lazily from safetensors. Random presets and hub ids
-    have no local checkpoint: their model is built or downloaded in memory once, read from there, and reused as
-    the validation reference (writing it to a temporary checkpoint first would cost the same RAM plus a disk copy)."""
+    """Weights of a folder (tiny presets and hub snapshots included) are read lazily from its checkpoint. Random
+    presets have none: their model is built in memory once, read from there, and reused as the validation
+    reference (writing it to a temporary checkpoint first would cost the same RAM plus a disk copy)."""
     folder = model_folder(spec)
     if folder is None:
         model, tokenizer = load_model(spec, dtype=dtype, device=device)
@@ -130,9 +145,16 @@ def write_model_files(source: Source, folder: Path, options: OnnxOptions) -> Non
     """model.onnx + model.onnx.data, config, generation config and tokenizer files."""
     dtype = DTYPES[options.dtype]
     onnx_graph.export_graph(source.config, dtype, options.opset, source.read, folder)
-    write_config(source.config, folder, extra={"dtype": str(dtype).removeprefix("torch.")})
-    write_generation_config(source.tokenizer, folder)
-    copy_tokenizer_files(source.tokenizer, folder)
+    write_sidecar_files(source.config, source.tokenizer, folder, {"dtype": str(dtype).removeprefix("torch.")})
+
+
+def write_sidecar_files(config: GPTNeoXConfig, tokenizer: PreTrainedTokenizerBase, folder: Path, extra: dict) -> None:
+    """What an ONNX folder holds beside the graph: config.json (+ `extra` keys), generation config, tokenizer
+    files with the chat template, and onnxruntime-genai's genai_config.json."""
+    write_config(config, folder, extra=extra)
+    write_generation_config(tokenizer, folder)
+    copy_tokenizer_files(tokenizer, folder)
+    write_genai_config(config, tokenizer, folder)
 
 
 # ---- validation ------------------------------------------------------------------------------------------------
@@ -319,7 +341,7 @@ def export_onnx(model: str, out: Path, options: OnnxOptions, *, overwrite: bool 
             metrics = {"seconds": round(time.perf_counter() - started, 1), "weight_bytes": weight_bytes,
                        "data_bytes": (staging / onnx_graph.DATA_FILE).stat().st_size}
             (staging / "README.md").write_text(model_card(model, options, validation, metrics))
-            write_manifest(staging, {"format": "onnx", "source": model, "options": asdict(options),
+            write_manifest(staging, {"format": "onnx", "source": source_record(model), "options": asdict(options),
                                      "versions": versions(), "validation": validation, "metrics": metrics,
                                      **(manifest_extra or {})})
     except OSError as exc:  # a full disk or a permission problem while writing: one line, nothing at `out`

@@ -34,20 +34,22 @@ from transformers import GPTNeoXConfig
 
 from quantkit.errors import QuantkitError
 from quantkit.export import onnx_graph
-from quantkit.export.artifact import (
-    copy_tokenizer_files,
-    ensure_free_space,
-    staged_output,
-    versions,
-    write_config,
-    write_generation_config,
-    write_manifest,
-)
+from quantkit.export.artifact import ensure_free_space, staged_output, versions, write_manifest
 from quantkit.export.gptq import GptqOptions, export_gptq
 from quantkit.export.gptq_layout import BITS, dequantized_model, quantized_prefixes, unpack_nibbles
-from quantkit.export.onnx import DTYPES, TOLERANCES, Reference, Tolerance, check_artifact, checkpoint_reader, record_reference, \
-    validation_section
-from quantkit.sources import default_device, load_tokenizer
+from quantkit.export.onnx import (
+    DTYPES,
+    TOLERANCES,
+    Reference,
+    Tolerance,
+    check_artifact,
+    checkpoint_reader,
+    record_reference,
+    validation_section,
+    write_sidecar_files,
+)
+from quantkit.paths import output_folder
+from quantkit.sources import default_device, load_tokenizer, source_record
 
 FORMAT = "onnx-int4"
 # The graph dtype (activations, KV cache, scales, unquantized weights): fp16 as in GPTQ, for CUDA; fp32 for
@@ -261,10 +263,8 @@ def write_model_files(gptq: Path, folder: Path, options: Int4Options) -> dict:
     replace_linears(model.graph, linears, options.accuracy_level)
     model.opset_imports[MS_DOMAIN] = 1
     onnx_graph.save_graph(model, folder)
-    write_config(config, folder, extra={"dtype": str(dtype).removeprefix("torch."), "quantization_config": quantization})
-    tokenizer = load_tokenizer(gptq)
-    write_generation_config(tokenizer, folder)
-    copy_tokenizer_files(tokenizer, folder)
+    extra = {"dtype": str(dtype).removeprefix("torch."), "quantization_config": quantization}
+    write_sidecar_files(config, load_tokenizer(gptq), folder, extra)
     return quantization
 
 
@@ -310,7 +310,8 @@ def export_from_gptq(gptq: Path, source: str, out: Path, options: Int4Options, o
         metrics = {"seconds": round(time.perf_counter() - started, 1),
                    "data_bytes": (staging / onnx_graph.DATA_FILE).stat().st_size}
         (staging / "README.md").write_text(model_card(source, quantization, options, validation, metrics))
-        write_manifest(staging, {"format": FORMAT, "source": source, "options": {**asdict(options), "opset": OPSET},
+        write_manifest(staging, {"format": FORMAT, "source": source_record(source),
+                                 "options": {**asdict(options), "opset": OPSET},
                                  "quantization_config": quantization, "versions": versions(),
                                  "validation": validation, "metrics": metrics, **extra})
     return out
@@ -327,7 +328,7 @@ def export_onnx_int4(model: str, out: Path, options: Int4Options = Int4Options()
         return export_from_gptq(Path(model), model, out, options, overwrite, device, extra)
     if out.exists() and not overwrite:  # fail before the long quantization, not after it
         raise QuantkitError(f"output folder exists: {out} (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(out.parent)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.gptq-", dir=out.parent) as work:
         gptq = export_gptq(model, Path(work) / "gptq", quantize)
         extra["gptq"] = {"options": asdict(quantize), "manifest": json.loads((gptq / "quantkit.json").read_text())}
