@@ -30,10 +30,9 @@ from quantkit.chat import STABLELM_SYSTEM_PROMPT, render_prompt, stop_token_ids
 from quantkit.data import load_dataset
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import Method, Segment, scored_logprobs, segments_for
-from quantkit.export.gptq import GptqOptions, export_gptq
 from quantkit.export.gptq_layout import BITS, dequantized_model, unpack_nibbles
-from quantkit.export.onnx import OnnxOptions, Recorder, export_onnx
-from quantkit.export.onnx_int4 import Int4Options, export_onnx_int4
+from quantkit.export.onnx import Recorder
+from quantkit.formats import FORMATS
 from quantkit.runner import generate
 from quantkit.sources import load_tokenizer, model_folder
 
@@ -43,7 +42,9 @@ WINDOWS = 8
 # stride = window - 1: every window scores all but its first token, so a consumer scores a window on its own.
 METHOD = Method(window=128, stride=127, batch_size=WINDOWS)
 CONTINUATION = 32
-GPTQ = GptqOptions(group_size=128, calib_samples=32, calib_seqlen=256, device="cpu")
+# Export options per format (the registry's option names); the int4 export takes the GPTQ folder as it is.
+OPTIONS = {"gptq": {"group_size": 128, "calib_samples": 32, "calib_seqlen": 256, "device": "cpu"},
+           "onnx": {"dtype": "fp16", "device": "cpu"}, "onnx-int4": {"dtype": "fp16", "device": "cpu"}}
 WRONG_ROTARY_PCT = 0.5  # the tiny model (like StableLM-Alpha) rotates 25 % of each head
 Messages = list[dict[str, str]]
 CHATS: dict[str, Messages] = {
@@ -113,19 +114,23 @@ def break_rotary(folder: Path, dst: Path) -> Path:
     return dst
 
 
+def export(fmt: str, source: Path | str, out: Path) -> Path:
+    """`source` exported to `out` by the format registry's exporter, with the suite's options."""
+    FORMATS[fmt].export(str(source), out, OPTIONS[fmt], False, None)
+    return out
+
+
 def export_all(out: Path) -> dict[str, dict]:
     """Every artifact folder under `out` -> {format, folder, broken_of?, defect?}; good ones first."""
     dense = copy_folder(model_folder(MODEL), out / "dense")
-    gptq = export_gptq(MODEL, out / "gptq", GPTQ)
-    onnx_fp16 = export_onnx(MODEL, out / "onnx-fp16", OnnxOptions(dtype="fp16", device="cpu"))
-    onnx_int4 = export_onnx_int4(str(gptq), out / "onnx-int4", Int4Options(), gptq_options=GPTQ)
+    gptq = export("gptq", MODEL, out / "gptq")
     dense_rotary = break_rotary(dense, out / "dense-wrong-rotary")
     gptq_zeros = break_gptq(gptq, out / "gptq-zeros-off-by-one", "qzeros", shift_zero_points)
-    artifacts = {
+    return {
         "dense": {"format": "dense", "folder": dense},
         "gptq": {"format": "gptq", "folder": gptq},
-        "onnx-fp16": {"format": "onnx", "folder": onnx_fp16},
-        "onnx-int4": {"format": "onnx-int4", "folder": onnx_int4},
+        "onnx-fp16": {"format": "onnx", "folder": export("onnx", MODEL, out / "onnx-fp16")},
+        "onnx-int4": {"format": "onnx-int4", "folder": export("onnx-int4", gptq, out / "onnx-int4")},
         "dense-wrong-rotary": {"format": "dense", "folder": dense_rotary, "broken_of": "dense",
                                "defect": f"config.json rotary_pct {WRONG_ROTARY_PCT}"},
         # vLLM reads no zero points from a symmetric checkpoint (its kernels assume 2^(bits-1)): it is shown the
@@ -136,14 +141,11 @@ def export_all(out: Path) -> dict[str, dict]:
                                   "folder": break_gptq(gptq, out / "gptq-nibbles-reversed", "qweight", reverse_nibbles)},
         # Exported by quantkit from the broken sources: each graph is right for its (wrong) weights and config.
         "onnx-fp16-wrong-rotary": {"format": "onnx", "broken_of": "onnx-fp16", "defect": "exported from dense-wrong-rotary",
-                                   "folder": export_onnx(str(dense_rotary), out / "onnx-fp16-wrong-rotary",
-                                                         OnnxOptions(dtype="fp16", device="cpu"))},
+                                   "folder": export("onnx", dense_rotary, out / "onnx-fp16-wrong-rotary")},
         "onnx-int4-zeros-off-by-one": {"format": "onnx-int4", "broken_of": "onnx-int4",
                                        "defect": "exported from gptq-zeros-off-by-one",
-                                       "folder": export_onnx_int4(str(gptq_zeros), out / "onnx-int4-zeros-off-by-one",
-                                                                  Int4Options(), gptq_options=GPTQ)},
+                                       "folder": export("onnx-int4", gptq_zeros, out / "onnx-int4-zeros-off-by-one")},
     }
-    return artifacts
 
 
 # ---- what quantkit says about an artifact ------------------------------------------------------------------------
@@ -202,6 +204,8 @@ def dequantized_backend(folder: Path) -> TorchBackend:
 def expected_for(name: str, artifact: dict) -> dict:
     """The expected.json entry of one artifact (broken copies carry no numbers of their own)."""
     entry = {**artifact, "folder": artifact["folder"].name}
+    if artifact["format"] in FORMATS:  # the dense source checkpoint is no export format
+        entry["consumers"] = list(FORMATS[artifact["format"]].consumers)
     if "broken_of" in entry:
         return entry
     backend = open_backend(str(artifact["folder"]), device="cpu")
