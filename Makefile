@@ -46,6 +46,6 @@ downstream-install: $(VLLM_VENV)/.installed $(ORT_VENV)/.installed
 
 downstream: downstream-install $(FIXTURES)/expected.json
 	QUANTKIT_DOWNSTREAM_EXPECTED=$(abspath $(FIXTURES))/expected.json $(VLLM_VENV)/bin/python -m pytest -q tests_downstream/test_vllm.py
-	QUANTKIT_DOWNSTREAM_EXPECTED=$(abspath $(FIXTURES))/expected.json $(ORT_VENV)/bin/python -m pytest -q tests_downstream/test_onnx_consumers.py
+	QUANTKIT_DOWNSTREAM_EXPECTED=$(abspath $(FIXTURES))/expected.json $(ORT_VENV)/bin/python -m pytest -q tests_downstream/test_onnx_consumers.py tests_downstream/test_coverage.py
 
 .PHONY: install demo test downstream-install downstream
