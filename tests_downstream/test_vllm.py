@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -151,12 +152,20 @@ def server(tmp_path_factory):
         wait_healthy(process, base, log)
         yield base
     finally:
-        process.terminate()
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (it and its engine process), SIGKILL after 30 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
+            os.killpg(process.pid, sig)
             process.wait(timeout=30)
+            return
+        except ProcessLookupError:
+            return
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+            continue
 
 
 def chat(server: str, messages: list[dict], max_tokens: int, **extra) -> dict:
