@@ -170,7 +170,8 @@ def token_logprobs(backend: Backend, segments: list[Segment], rows: int | None =
 
 def margins(logits: list[torch.Tensor], vocab: int) -> list[float]:
     """Top-1 minus top-2 logit over the tokenizer's ids, per greedy step (row 0)."""
-    return [float(torch.diff(step[0, :vocab].topk(2).values.flip(0))) for step in logits]
+    tops = [step[0, :vocab].topk(2).values for step in logits]
+    return [float(top[0] - top[1]) for top in tops]
 
 
 def chat_case(backend: Backend, messages: Messages, stops: list[int]) -> dict:
@@ -201,7 +202,7 @@ def dequantized_backend(folder: Path) -> TorchBackend:
     return TorchBackend(model, load_tokenizer(folder), name="gptq-dequantized-fp32")
 
 
-def expected_for(name: str, artifact: dict) -> dict:
+def expected_for(artifact: dict) -> dict:
     """The expected.json entry of one artifact (broken copies carry no numbers of their own)."""
     entry = {**artifact, "folder": artifact["folder"].name}
     if artifact["format"] in FORMATS:  # the dense source checkpoint is no export format
@@ -224,7 +225,7 @@ def build(out: Path) -> Path:
     artifacts = export_all(out)
     expected = {"model": MODEL, "dataset": DATASET, "method": asdict(METHOD), "windows": WINDOWS,
                 "continuation": CONTINUATION,
-                "artifacts": {name: expected_for(name, artifact) for name, artifact in artifacts.items()}}
+                "artifacts": {name: expected_for(artifact) for name, artifact in artifacts.items()}}
     path = out / "expected.json"
     path.write_text(json.dumps(expected, indent=1) + "\n")
     return path
