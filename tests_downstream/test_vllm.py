@@ -45,17 +45,14 @@ SERVER_START_S = 300  # engine start on 2 busy cores is ~30-60 s
 REQUEST_S = 120
 
 
-def engine(name: str):
-    from vllm import LLM
-
-    entry = artifact(name)
-    return LLM(model=entry["folder"], enforce_eager=True, seed=0, **ENGINES[entry["format"]])
-
-
 @pytest.fixture(scope="module")
 def llm(request):
-    """One offline engine at a time (they hold their KV cache in RAM), shut down after its tests."""
-    llm = engine(request.param)
+    """An offline engine on the artifact named by the test's parameter: one at a time (each holds its KV cache in
+    RAM), shut down after its tests."""
+    from vllm import LLM
+
+    entry = artifact(request.param)
+    llm = LLM(model=entry["folder"], enforce_eager=True, seed=0, **ENGINES[entry["format"]])
     llm.artifact = request.param
     yield llm
     llm.llm_engine.engine_core.shutdown()
