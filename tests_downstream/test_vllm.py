@@ -2,15 +2,15 @@
 OpenAI-compatible server (`vllm serve`, started here on 127.0.0.1 and always stopped).
 
 vLLM normalizes log-probs over every logit row (the padding rows past the tokenizer too), so it is compared with
-quantkit's all-rows numbers; on the tiny model the padding rows hold up to 0.8 % of the probability (7.9e-3 in
-log-prob), which would otherwise be the whole fp32 difference. Tolerances, measured on the tiny model's 8 held-out
-windows of 128 tokens (1016 scored tokens) on a 2-core CPU, offline and server alike:
+quantkit's all-rows numbers; on the tiny model the padding rows hold up to 0.17 % of the probability (1.7e-3 in
+log-prob), which would otherwise be the whole fp32 difference. Tolerances, measured on the committed tiny model's
+8 held-out windows of 128 tokens (1016 scored tokens) on a 2-core CPU, offline and server alike:
 - GPTQ, vLLM with fp16 activations (its CPUWNA16 kernel) vs quantkit's GPTQ backend (gptqmodel, bf16 activations):
-  mean |Δ log-prob| 5.9e-3, max 4.6e-2: the backend's bf16 rounding (the main suite measures it at max 0.04 from the
-  exact product); bound about twice that. vs the exactly dequantized checkpoint run in fp32: mean 6.8e-4, max 5.1e-3
-  (vLLM's fp16 alone); bound 3-4x, since it is the tighter check. qweight packed high nibble first: mean 6.5.
-- dense fp32 vs quantkit's fp32 PyTorch backend: mean 7.5e-7, max 5.4e-6 (summation order); bound 1e-5 / 1e-4.
-  config.json with rotary_pct 0.5: mean 0.21, max 5.7.
+  mean |Δ log-prob| 8.4e-3, max 6.2e-2: the backend's bf16 rounding (the main suite bounds the same effect on
+  logits at max 0.12); bound about twice that. vs the exactly dequantized checkpoint run in fp32: mean 1.0e-3,
+  max 1.1e-2 (vLLM's fp16 alone); bound about twice. qweight packed high nibble first: mean 8.5, max 29.
+- dense fp32 vs quantkit's fp32 PyTorch backend: mean 1.0e-6, max 9.1e-6 (summation order); bound 1e-5 / 1e-4.
+  config.json with rotary_pct 0.5: mean 1.1, max 12.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 # Per format: the engine settings a user serves the artifact with, and the bounds from the module docstring.
 ENGINES = {"gptq": {"quantization": "gptq", "dtype": "float16"}, "dense": {"dtype": "float32"}}
-TO_BACKEND = {"gptq": Tolerance(mean=0.012, max=0.1), "dense": Tolerance(mean=1e-5, max=1e-4)}
+TO_BACKEND = {"gptq": Tolerance(mean=0.016, max=0.12), "dense": Tolerance(mean=1e-5, max=1e-4)}
 TO_DEQUANTIZED = Tolerance(mean=0.002, max=0.02)
 # Not the zero-point copy: vLLM reads no zero points from a symmetric checkpoint (its kernels assume 2^(bits-1)),
 # so its log-probs are the good artifact's; a packing bug is what it can be shown.
@@ -63,7 +63,7 @@ def llm(request):
 def prompt_logprobs(llm, windows: list[list[int]]) -> list[list[float]]:
     """Teacher-forced: vLLM's log-prob of every window token but the first. vLLM normalizes over every logit row,
     the padding rows past the tokenizer included, so these are compared with quantkit's all-rows numbers (on the
-    tiny model the padding rows hold up to 0.8 % of the probability: 7.9e-3 in log-prob)."""
+    tiny model the padding rows hold up to 0.17 % of the probability: 1.7e-3 in log-prob)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
