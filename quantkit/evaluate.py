@@ -87,9 +87,12 @@ def segments_for(backend: Backend, dataset: Dataset, method: Method) -> list[Seg
 
 
 def scored_logprobs(backend: Backend, segments: Sequence[Segment], method: Method, desc: str = "scoring",
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """For each batch: (fp32 log-probs [n, vocab] at the scored positions, target ids [n]), in segment order."""
-    vocab = len(backend.tokenizer)
+                    rows: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each batch: (fp32 log-probs [n, rows] at the scored positions, target ids [n]), in segment order.
+
+    `rows` defaults to the tokenizer's ids (the method); backend.vocab_rows normalizes over every logit row,
+    padding included, as servers that know no tokenizer size do (vLLM)."""
+    vocab = rows or len(backend.tokenizer)
     pad = backend.tokenizer.pad_token_id or 0
     for start in tqdm(range(0, len(segments), method.batch_size), desc=desc, unit="batch", leave=False):
         batch = segments[start : start + method.batch_size]
