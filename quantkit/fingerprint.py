@@ -16,12 +16,3 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def source_fingerprint(model: str) -> str:
-    """A model's identity: file names, sizes and mtimes of a folder, else the spec (presets are seeded)."""
-    folder = Path(model)
-    if folder.is_dir():
-        return fingerprint(sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                                  for p in folder.rglob("*") if p.is_file()))
-    return fingerprint(model)

@@ -92,8 +92,11 @@ def get_format(name: str) -> Format:
 
 
 def serving_problems(folder: Path, name: str) -> list[str]:
-    """What a downstream loader would trip on in `folder` of format `name`: missing files, then its contract."""
-    fmt = get_format(name)
+    """What a downstream loader would trip on in `folder` of format `name`: missing files, then its contract (none
+    for a format outside the registry)."""
+    if name not in FORMATS:
+        return []
+    fmt = FORMATS[name]
     from quantkit.downstream import check_chat_files
 
     missing = [f"{file}: missing" for file in fmt.files if not (folder / file).is_file()]

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from quantkit.errors import QuantkitError
-from quantkit.fingerprint import fingerprint, source_fingerprint
+from quantkit.fingerprint import fingerprint
 from quantkit.formats import get_format
 from quantkit.export.artifact import verify, versions
 from quantkit.paths import atomic_write, file_lock, output_folder
 from quantkit.recipe import Recipe, load_recipe
 from quantkit.report import EvalRequest, evaluate_backend, model_size_bytes, run_isolated, write_report
 from quantkit.bench import BenchSettings, benchmark
-from quantkit.sources import model_folder, with_revision
+from quantkit.sources import model_folder, source_fingerprint, with_revision
 
 RESULTS = Path("benchmarks/results")
 Log = Callable[[str], None]

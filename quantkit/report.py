@@ -23,9 +23,8 @@ from quantkit.bench import BenchSettings, benchmark, folder_bytes
 from quantkit.data import load_dataset
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import Method, perplexity
-from quantkit.fingerprint import source_fingerprint
 from quantkit.paths import atomic_write, output_folder
-from quantkit.sources import default_device
+from quantkit.sources import default_device, source_fingerprint
 
 DEFAULT_WINDOW = 2048
 KLD_TOKENS = 16384

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTr
 
 from quantkit.attention import ATTN_IMPLEMENTATION
 from quantkit.errors import QuantkitError
-from quantkit.fingerprint import sha256_file
+from quantkit.fingerprint import fingerprint, sha256_file
 from quantkit.paths import data_dir
 from quantkit.shapes import STABLELM_TOKENIZER, RandomShape
 from quantkit.tiny import tiny_folder
@@ -317,3 +317,13 @@ def default_device() -> str:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def source_fingerprint(model: str) -> str:
+    """A model's identity: file names, sizes and mtimes of a folder (the tiny presets' folder included), else the
+    spec (random presets are seeded; a hub id names its revision)."""
+    folder = model_folder(model) if parse_spec(model).preset in TINY_PRESETS else Path(model)
+    if folder.is_dir():
+        return fingerprint(sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                                  for p in folder.rglob("*") if p.is_file()))
+    return fingerprint(model)

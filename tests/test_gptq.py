@@ -36,11 +36,11 @@ GROUP = 128
 CALIB = dict(calib_samples=32, calib_seqlen=256)
 QUANTIZED = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
-# Backend vs fp32 dequantized reference, logits spanning -10..12: measured max 0.041-0.044, mean 0.0054, the same
-# as running that reference in bf16 (max 0.039-0.054, mean 0.0053): bf16 activations are the whole error. A zero
-# point off by one (v2 zeros read as v1) gives max 0.59-0.70, mean 0.056.
-MAX_LOGIT_ERROR = 0.12
-MEAN_LOGIT_ERROR = 0.012
+# Backend vs fp32 dequantized reference on the committed tiny model (logits up to |17|), group 128: measured max
+# 0.139 (act-order 0.213), mean 0.0116; running that reference in bf16 gives max 0.152-0.158, mean 0.0114: bf16
+# activations are the whole error. A zero point off by one (v2 zeros read as v1) gives max 3.4-4.6, mean 0.28-0.30.
+MAX_LOGIT_ERROR = 0.4
+MEAN_LOGIT_ERROR = 0.025
 # Held-out perplexity (head of tiny-heldout, HELDOUT_METHOD) of the committed tiny model, measured: fp32 112.90;
 # 4-bit group 128: RTN +0.25 %, GPTQ (chat-format tiny-train calibration) +0.12 %; KL(fp32 || model) RTN 0.0064,
 # GPTQ 0.0022 nats per token; 3-bit RTN +0.99 %, KL 0.0287. Smaller than on real LLMs (4-bit RTN costs LLaMA-7B
@@ -248,7 +248,7 @@ def test_tokenizer_and_generation_config(gptq_folder):
 
 
 def test_plain_transformers_reload_matches_backend(gptq_folder, heldout_tokens):
-    """Default loader settings, no quantkit attention: fp16 as config.json says, SDPA. Measured max 0.04 from the
+    """Default loader settings, no quantkit attention: fp16 as config.json says, SDPA. Measured max 0.137 from the
     backend (bf16 activations, fp32 attention scores): the same bf16-level noise as above."""
     model = AutoModelForCausalLM.from_pretrained(gptq_folder, device_map="cpu").eval()
     with torch.no_grad():

@@ -37,11 +37,11 @@ CALIB = dict(calib=("tiny-train",), calib_samples=16, calib_seqlen=128, device="
 LINEARS_PER_LAYER = 4
 QUESTIONS = ["Explain the assert statement.", "What does the with statement do?"]
 STEPS = 32
-# Prefill logits (scale ~14) of the act-order model, measured: vs the fp32 dequantized model 2.5e-3 (the graph's
-# fp16 rounding), vs the GPTQ backend 0.060 (its bf16 activations: the backend itself is 0.060 off the fp32 model).
-# A zero point off by one moves logits by ~0.6.
+# Prefill logits of the act-order model: vs the fp32 dequantized model the graph's fp16 rounding (2.5e-3 on the
+# earlier tiny model), vs the GPTQ backend its bf16 activations (measured 0.141 on the committed tiny model, whose
+# backend is 0.14-0.21 off the fp32 dequantized model; test_gptq.py). A zero point off by one moves logits by 3-5.
 MAX_EXACT_DIFF = 0.01
-MAX_BACKEND_DIFF = 0.12
+MAX_BACKEND_DIFF = 0.4
 # Held-out perplexity, measured on the whole text: int4 ONNX 114.720, GPTQ backend 114.694 (+0.02 %). The test
 # scores the first 11,000 characters (a quarter): the GPTQ backend's bf16 CPU kernel needs ~75 s for the whole text on two cores.
 PPL_RELATIVE = 0.005
@@ -159,7 +159,7 @@ def surgery_graph(folder: Path) -> ir.Graph:
 def test_matmulnbits_weight_is_the_gptq_weight(artifacts, act_order, group):
     folder = artifacts[act_order, group]
     nodes = int4_nodes(surgery_graph(folder))
-    assert len(nodes) == 2 * LINEARS_PER_LAYER
+    assert len(nodes) == json.loads((folder / "config.json").read_text())["num_hidden_layers"] * LINEARS_PER_LAYER
     for prefix, chain in nodes.items():
         expected = dequantize(folder, prefix)
         assert [n.op_type for n in chain] == (["Gather", "MatMulNBits"] if act_order else ["MatMulNBits"])
@@ -189,7 +189,7 @@ def test_saved_graph(exported, artifacts):
     """In the published model every quantized linear is MatMulNBits on the GPTQ weight; embedding and head fp16."""
     model = ir.load(exported / "model.onnx")
     nodes = int4_nodes(model.graph)
-    assert len(nodes) == 2 * LINEARS_PER_LAYER
+    assert len(nodes) == json.loads((exported / "config.json").read_text())["num_hidden_layers"] * LINEARS_PER_LAYER
     assert not [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].name.startswith("model.gpt_neox.layers")]
     for prefix, chain in nodes.items():
         expected = dequantize(artifacts[True, 32], prefix)
@@ -240,8 +240,9 @@ def test_logits_and_greedy_tokens(backends, artifacts):
         for b in (onnx, gptq, exact))
     assert (onnx_logits - exact_logits).abs().max() < MAX_EXACT_DIFF
     assert (onnx_logits - gptq_logits).abs().max() < MAX_BACKEND_DIFF
+    # Greedy against the exact dequantized model: the bf16 backend meets near-ties in 32 steps of the tiny model.
     tokens = [[r.token_ids for r in generate(b, prompts, STEPS, Sampler(vocab_limit=len(b.tokenizer)), stop_ids=[])]
-              for b in (onnx, gptq)]
+              for b in (onnx, exact)]
     assert tokens[0] == tokens[1]
     assert all(len(row) == STEPS for row in tokens[0])
 

@@ -22,7 +22,7 @@ from quantkit.export.onnx import OnnxOptions, export_onnx
 from quantkit.recipe import load_recipe
 from quantkit.sources import RandomShape, announce_pickles, build_random, model_folder, with_revision
 
-SHAPE = RandomShape(hidden=64, layers=2, heads=4, vocab_rows=4096)  # rows for the tiny model's 4000-token tokenizer
+SHAPE = RandomShape(hidden=64, layers=2, heads=4, vocab_rows=8064)  # rows for the tiny model's 8000-token tokenizer
 SAVES = ("safetensors", "sharded-bin", "single-bin")
 PICKLE_NOTE = "read by torch.load(weights_only=True)"
 GPTQ = GptqOptions(group_size=32, calib=("tiny-train",), calib_samples=8, calib_seqlen=64, device="cpu")
