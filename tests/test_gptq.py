@@ -41,6 +41,11 @@ PACKED = ("qweight", "qzeros", "scales", "g_idx")
 # activations are the whole error. A zero point off by one (v2 zeros read as v1) gives max 3.4-4.6, mean 0.28-0.30.
 MAX_LOGIT_ERROR = 0.4
 MEAN_LOGIT_ERROR = 0.025
+# Top-1 of the backend and of the fp32 reference differ only at near-ties: on the two windows (512 positions) the
+# act-order export flips 12 (the reference itself run in bf16 flips 8), at reference top-1/top-2 margins of at most
+# 0.033 (bf16 reference: 0.044), measured on a 2-core Xeon; how many near-ties there are is the model's, not the
+# kernel's, so the bound is on the margin of each flip.
+NEAR_TIE = 0.1
 # Held-out perplexity (head of tiny-heldout, HELDOUT_METHOD) of the committed tiny model, measured: fp32 112.90;
 # 4-bit group 128: RTN +0.25 %, GPTQ (chat-format tiny-train calibration) +0.12 %; KL(fp32 || model) RTN 0.0064,
 # GPTQ 0.0022 nats per token; 3-bit RTN +0.99 %, KL 0.0287. Smaller than on real LLMs (4-bit RTN costs LLaMA-7B
@@ -137,7 +142,9 @@ def check_logits(folder: Path, ids: torch.Tensor) -> None:
         off_by_one = reference_model(folder, zero_offset=0)(ids).logits
     error = (got - want).abs()
     assert error.max() < MAX_LOGIT_ERROR and error.mean() < MEAN_LOGIT_ERROR, (error.max(), error.mean())
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.98
+    top2 = want.topk(2, dim=-1).values
+    flipped = got.argmax(-1) != want.argmax(-1)
+    assert (top2[..., 0] - top2[..., 1])[flipped].le(NEAR_TIE).all(), "top-1 differs where the reference is decided"
     broken = (off_by_one - want).abs()
     assert broken.max() > 2 * MAX_LOGIT_ERROR and broken.mean() > 2 * MEAN_LOGIT_ERROR
 
