@@ -2,7 +2,7 @@
 the model, and per-step host work in the runner and transformers.
 
 Each module class gets a profiler range (forward hooks); a share is the range's inclusive CPU time over the decode
-wall time: int4 linears (gptqmodel's TorchAtenLinear -> aten::_weight_int4pack_mm_for_cpu), the bf16 LM head,
+wall time: int4 linears (gptqmodel's TorchAtenLinear, or its AVX512-BF16 subclass where the CPU has it), the bf16 LM head,
 attention (fp32 scores and softmax, the KV cache concatenation) without its linears, the MLP's GELU, and what is
 left: layer norms, rotary, mask building in transformers, and the runner's per-step work (sampling, host sync).
 
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
 
 from quantkit.backends.gptq import open_gptq
 from quantkit.bench import filler_prompt
@@ -32,7 +34,7 @@ def add_ranges(model: torch.nn.Module) -> None:
 
     for name, module in model.named_modules():
         kind = type(module).__name__
-        if kind == "TorchAtenLinear":
+        if isinstance(module, TorchAtenLinear):  # TorchCpuAvx512Linear too, its AVX512-BF16 subclass
             wrap(module, "int4 linear (attention)" if ".attention." in name else "int4 linear (mlp)")
         elif kind in ("GPTNeoXAttention", "GPTNeoXMLP"):
             wrap(module, kind.removeprefix("GPTNeoX").lower())
