@@ -2,8 +2,8 @@
 the model, and per-step host work in the runner and transformers.
 
 Each module class gets a profiler range (forward hooks); a share is the range's inclusive CPU time over the decode
-wall time: int4 linears (gptqmodel's TorchAtenLinear, or its AVX512-BF16 subclass where the CPU has it), the bf16 LM head,
-attention (fp32 scores and softmax, the KV cache concatenation) without its linears, the MLP's GELU, and what is
+wall time: int4 linears (gptqmodel's TorchAtenLinear, or its AVX512-BF16 subclass where the CPU has it), the bf16 LM
+head, attention (fp32 scores and softmax, the KV cache concatenation) without its linears, the MLP's GELU, and what is
 left: layer norms, rotary, mask building in transformers, and the runner's per-step work (sampling, host sync).
 
     python -m benchmarks.profile_gptq_decode GPTQ_FOLDER [--batch 1] [--new-tokens 32] [--threads 2]

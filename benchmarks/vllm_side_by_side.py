@@ -122,9 +122,11 @@ def quantkit_block(spec: dict) -> dict:
             "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": torch.get_num_threads()}}
 
 
-def block_env(threads: int, kv_gib: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+def block_env(threads: int, kv_gib: int, wait_policy: str | None) -> dict[str, str]:
+    """Both engines' environment: the same OpenMP threads (and wait policy, when set), vLLM in-process."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    return env | ({"OMP_WAIT_POLICY": wait_policy} if wait_policy else {})
 
 
 def run_block(engine: str, spec: dict, env: dict[str, str], log: Path) -> dict:
@@ -249,7 +251,8 @@ def write_tables(report: dict) -> None:
              f"round, quantkit and vLLM blocks alternating; medians over rounds. Decode: {s['new_tokens']}-token "
              f"call minus 1-token call after a 128-token prompt, greedy, no stops (vLLM: ignore_eos, min_tokens, "
              f"detokenize off). Threads: {s['threads']} for both (torch.set_num_threads, OMP_NUM_THREADS, ORT "
-             f"intra-op; vLLM CPU binds its OpenMP threads itself). vLLM in-process, no prefix caching, "
+             f"intra-op), OMP_WAIT_POLICY {s['omp_wait_policy']}. vLLM in-process (no OpenMP binding; its default "
+             f"multiprocess mode would reserve one core for its scheduler process), no prefix caching, "
              f"VLLM_CPU_KVCACHE_SPACE={s['kv_cache_gib']} GiB (reserved in its RSS), enforce_eager.\n"]
     for spec, shape in report["shapes"].items():
         lines += shape_table(spec, shape["rows"], shape["verdicts"])
@@ -262,6 +265,11 @@ NOTES = [
     "idle machine for figures to quote.",
     "Weights are random (seeded presets) with the real StableLM tokenizer; GPTQ folders are RTN-quantized (the "
     "same packed layout as GPTQ, so the same speed).",
+    "OpenMP on a shared machine: torch's threads spin at each parallel region's barrier by default; with other "
+    "jobs on both cores, a 2-thread torch decode of stablelm-200m measured 1.5 tok/s (1 thread: 22; "
+    "OMP_WAIT_POLICY=PASSIVE with 2 threads: 18-21). ONNX Runtime's own thread pool does not collapse that way. "
+    "--omp-wait-policy sets the policy for both engines alike (see the header line); on an idle machine leave it "
+    "at the runtime's default.",
     "Roofline: decode weight bytes per step (every weight but the input embedding table) x steps/s / copy-test "
     "bandwidth. vLLM paths use the bytes quantkit's backend counts for the same folder and dtype.",
 ]
@@ -280,6 +288,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="default: 2 (--quick: 1)")
     parser.add_argument("--new-tokens", type=int, help="decode call length N (default: 32; --quick: 16)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"],
+                        help="OMP_WAIT_POLICY for both engines (default: the OpenMP runtime's); PASSIVE keeps torch's "
+                             "threads from spinning against other jobs on a shared machine")
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (default: 1)")
     parser.add_argument("--work", type=Path, default=PROJECT / "build" / NAME, help="artifact folders (kept)")
     parser.add_argument("--block", help=argparse.SUPPRESS)  # internal: run one quantkit block from a spec file
@@ -300,9 +311,9 @@ def main() -> None:
     folders = {spec: build(spec, args.work / slug(spec)) for spec in models}
     info = machine_info()
     settings = {"rounds": rounds, "new_tokens": new_tokens, "threads": args.threads, "kv_cache_gib": args.kv_cache_gib,
-                "batches": [1, 8], "repeats": 1}
+                "omp_wait_policy": args.omp_wait_policy or "default", "batches": [1, 8], "repeats": 1}
     bandwidth = copy_bandwidth_gbs("cpu")
-    env = block_env(args.threads, args.kv_cache_gib)
+    env = block_env(args.threads, args.kv_cache_gib, args.omp_wait_policy)
     log = args.work / f"{NAME}.log"
     log.write_text("")
     samples = {spec: {path: [] for _, path in interleaved()} for spec in models}

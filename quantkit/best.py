@@ -48,16 +48,18 @@ def candidate_paths(folder: Path, device: str) -> dict[str, Opener]:
     kind = artifact_kind(spec)
     if kind == "onnx":
         return {"onnx": lambda _: (open_backend(spec, device=device), manifest_validation(folder))}
+    paths: dict[str, Opener] = {}
     if kind == "gptq":
         int4 = {"onnx-int4-fp16": Int4Options()} if cuda else {
-            "onnx-int4-fp32": Int4Options(dtype="fp32"), "onnx-int4-fp32-a4": Int4Options(dtype="fp32", accuracy_level=4)}
-        paths: dict[str, Opener] = {"gptq": lambda _: (open_backend(spec, device=device), manifest_validation(folder))}
+            "onnx-int4-fp32": Int4Options(dtype="fp32"),
+            "onnx-int4-fp32-a4": Int4Options(dtype="fp32", accuracy_level=4)}
+        paths["gptq"] = lambda _: (open_backend(spec, device=device), manifest_validation(folder))
         for name, options in int4.items():
             paths[name] = exported(lambda out, o=options: export_onnx_int4(spec, out, o), name, device)
         return paths
     onnx_dtype = "fp16" if cuda else "fp32"
-    paths = {f"torch-{dtype}": (lambda _, d=dtype: (open_backend(spec, dtype=d, device=device), None))
-             for dtype in (("fp16",) if cuda else ("bf16", "fp32"))}
+    for dtype in ("fp16",) if cuda else ("bf16", "fp32"):
+        paths[f"torch-{dtype}"] = lambda _, d=dtype: (open_backend(spec, dtype=d, device=device), None)
     paths[f"onnx-{onnx_dtype}"] = exported(
         lambda out: export_onnx(spec, out, OnnxOptions(dtype=onnx_dtype, device=device)), f"onnx-{onnx_dtype}", device)
     return paths
