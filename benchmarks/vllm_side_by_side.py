@@ -278,7 +278,10 @@ NOTES = [
     "PASSIVE, shared machine; 45.8 ms/step under the profiler): LM head (unquantized bf16, 50688 x 1024, aten::mm) "
     "33 %; int4 linears (gptqmodel picks TorchCpuAvx512Linear on this AVX512-BF16 CPU) 29 %; attention without its "
     "linears 25 % (fp32 upcasts of q and the whole K cache, bmm, the cache's torch.cat per layer, module calls); "
-    "GELU 3 %; norms, rotary and masks 8 %; the runner's per-step work outside the forward 2 %.",
+    "GELU 3 %; norms, rotary and masks 8 %; the runner's per-step work outside the forward 2 %. Attention's share "
+    "is mostly small ops (about 50 copies and 50 concatenations per step at 30-60 us each), which a passive "
+    "OpenMP wait policy makes dearer (each parallel region wakes its threads): rerun the profile on an idle "
+    "machine with the default policy.",
     "Where the fixes belong: the LM head's bf16 GEMV moves 104 MB at about 7 GB/s effective (torch's CPU bf16 mm "
     "at one row, i.e. oneDNN: library); the int4 kernel takes about 290 us per linear (gptqmodel's AVX512 kernel: "
     "library); attention's per-step copies are ours (quantkit/attention.py upcasts the whole K cache to fp32 each "
