@@ -130,7 +130,7 @@ def block_env(threads: int, kv_gib: int, wait_policy: str | None) -> dict[str, s
 
 
 def run_block(engine: str, spec: dict, env: dict[str, str], log: Path) -> dict:
-    """One block in a fresh process; its figures, or {"error": ...} with the log's tail."""
+    """One block in a fresh process; its figures, or {"error": ...} naming the log its stderr went to."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     command = ([str(VLLM_PYTHON), str(PROJECT / "benchmarks" / "vllm_worker.py"), f.name] if engine == "vllm"
