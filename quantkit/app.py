@@ -191,6 +191,14 @@ def bench(args: argparse.Namespace) -> dict:
     from quantkit.bench import benchmark
 
     settings = bench_settings(args)
+    if args.best:
+        from pathlib import Path
+
+        from quantkit.best import best_path
+
+        if args.reference or not Path(args.model).is_dir():
+            raise QuantkitError("--best takes an artifact or model folder as --model, and no --reference")
+        return best_path(Path(args.model), settings, args.device)
     record = {"model": benchmark(open_backend(args.model, dtype=args.dtype, device=args.device), settings)}
     if args.reference:
         record["reference"] = benchmark(open_backend(args.reference, dtype=args.dtype, device=args.device), settings)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from quantkit.backends.base import Backend
 from quantkit.chat import Sampler, render_prompt, stop_token_ids
@@ -58,9 +59,9 @@ def copy_bandwidth_gbs(device: str, megabytes: int = 256) -> float:
     return 2 * src.numel() / best / 1e9
 
 
-def filler_prompt(backend: Backend, length: int) -> list[int]:
+def filler_prompt(tokenizer: PreTrainedTokenizerBase, length: int) -> list[int]:
     """A real chat prompt, its user text repeated until it is `length` tokens long."""
-    ids = backend.tokenizer(render_prompt("Explain how the Python import system finds modules. " * 400))["input_ids"]
+    ids = tokenizer(render_prompt("Explain how the Python import system finds modules. " * 400))["input_ids"]
     return ids[-length:]
 
 
@@ -77,7 +78,7 @@ def folder_bytes(folder: Path) -> int:
 def benchmark(backend: Backend, settings: BenchSettings) -> dict:
     """All speed figures for one backend, as a JSON-ready dict."""
     greedy = Sampler(vocab_limit=len(backend.tokenizer))
-    result: dict = {"backend": backend.name, "device": backend.device, "prefill": {}, "decode": {}}
+    result: dict = {"backend": backend.name, "device": backend.device, "prefill": {}}
 
     chat_prompt = backend.tokenizer(render_prompt("What is GPTQ?"))["input_ids"]
     stops = stop_token_ids(backend.tokenizer)
@@ -88,20 +89,28 @@ def benchmark(backend: Backend, settings: BenchSettings) -> dict:
     for length in settings.prompt_lengths:
         if length >= backend.max_positions:
             continue
-        prompt = filler_prompt(backend, length)
+        prompt = filler_prompt(backend.tokenizer, length)
         result["prefill"][str(length)] = measure(
             lambda: generate(backend, [prompt], 1, greedy, stop_ids=[])[0].timings, settings.repeats,
             lambda t: t.prefill_tok_s)
 
-    bandwidth = settings.bandwidth_gbs or copy_bandwidth_gbs(backend.device)
-    result["bandwidth_gbs"] = bandwidth
+    result["bandwidth_gbs"] = settings.bandwidth_gbs or copy_bandwidth_gbs(backend.device)
     result["decode_weight_bytes"] = backend.decode_weight_bytes
+    result["decode"] = decode_speed(backend, settings, result["bandwidth_gbs"])
+    result["peak_memory_bytes"] = peak_memory_bytes(backend.device)
+    return result
+
+
+def decode_speed(backend: Backend, settings: BenchSettings, bandwidth_gbs: float) -> dict[str, dict[str, float]]:
+    """Decode tokens/s per batch size after the chat prompt (greedy, no stop tokens), with % of the roofline."""
+    greedy = Sampler(vocab_limit=len(backend.tokenizer))
+    chat_prompt = backend.tokenizer(render_prompt("What is GPTQ?"))["input_ids"]
+    result = {}
     for batch in settings.decode_batches:
         prompts = [chat_prompt] * batch
         tok_s = measure(
             lambda: generate(backend, prompts, settings.decode_tokens, greedy, stop_ids=[])[0].timings,
             settings.repeats, lambda t: t.decode_tok_s)
-        roofline_tok_s = batch * bandwidth * 1e9 / backend.decode_weight_bytes
-        result["decode"][str(batch)] = {**tok_s, "roofline_pct": 100 * tok_s["median"] / roofline_tok_s}
-    result["peak_memory_bytes"] = peak_memory_bytes(backend.device)
+        roofline_tok_s = batch * bandwidth_gbs * 1e9 / backend.decode_weight_bytes
+        result[str(batch)] = {**tok_s, "roofline_pct": 100 * tok_s["median"] / roofline_tok_s}
     return result

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(bench)
     add_bench_args(bench)
     bench.add_argument("--reference", help="also benchmark this model and print the speed-up")
+    bench.add_argument("--best", action="store_true",
+                       help="artifact folder: time decode on every engine path it runs on here (validated exports "
+                            "included) and name the fastest")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
     report = commands.add_parser("report", help="eval + bench for several models: JSON, Markdown table and plot")
