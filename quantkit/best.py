@@ -30,6 +30,11 @@ def manifest_validation(folder: Path) -> dict | None:
         return None
 
 
+def native(spec: str, device: str, dtype: str | None = None) -> Opener:
+    """A path that runs the folder itself on one of the runner's backends."""
+    return lambda _: (open_backend(spec, dtype=dtype, device=device), manifest_validation(Path(spec)))
+
+
 def exported(export: Callable[[Path], Path], name: str, device: str) -> Opener:
     """A path through an exporter: export into the scratch folder (validated there), then open the result."""
     def open_(scratch: Path) -> tuple[Backend, dict | None]:
@@ -47,19 +52,19 @@ def candidate_paths(folder: Path, device: str) -> dict[str, Opener]:
     spec = str(folder)
     kind = artifact_kind(spec)
     if kind == "onnx":
-        return {"onnx": lambda _: (open_backend(spec, device=device), manifest_validation(folder))}
+        return {"onnx": native(spec, device)}
     paths: dict[str, Opener] = {}
     if kind == "gptq":
         int4 = {"onnx-int4-fp16": Int4Options()} if cuda else {
             "onnx-int4-fp32": Int4Options(dtype="fp32"),
             "onnx-int4-fp32-a4": Int4Options(dtype="fp32", accuracy_level=4)}
-        paths["gptq"] = lambda _: (open_backend(spec, device=device), manifest_validation(folder))
+        paths["gptq"] = native(spec, device)
         for name, options in int4.items():
             paths[name] = exported(lambda out, o=options: export_onnx_int4(spec, out, o), name, device)
         return paths
     onnx_dtype = "fp16" if cuda else "fp32"
     for dtype in ("fp16",) if cuda else ("bf16", "fp32"):
-        paths[f"torch-{dtype}"] = lambda _, d=dtype: (open_backend(spec, dtype=d, device=device), None)
+        paths[f"torch-{dtype}"] = native(spec, device, dtype)
     paths[f"onnx-{onnx_dtype}"] = exported(
         lambda out: export_onnx(spec, out, OnnxOptions(dtype=onnx_dtype, device=device)), f"onnx-{onnx_dtype}", device)
     return paths
