@@ -196,8 +196,10 @@ def bench(args: argparse.Namespace) -> dict:
 
         from quantkit.best import best_path
 
-        if args.reference or not Path(args.model).is_dir():
-            raise QuantkitError("--best takes an artifact or model folder as --model, and no --reference")
+        if args.reference:
+            raise QuantkitError("--best compares the paths of one folder: drop --reference")
+        if not Path(args.model).is_dir():
+            raise QuantkitError(f"--best needs an artifact or model folder as --model: {args.model} is not a folder")
         return best_path(Path(args.model), settings, args.device)
     record = {"model": benchmark(open_backend(args.model, dtype=args.dtype, device=args.device), settings)}
     if args.reference:

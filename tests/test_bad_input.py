@@ -78,6 +78,8 @@ ROWS = {
                            "stride must be in 1..63", 2),
     "stride 0": ("eval --model tiny --data tiny-heldout --stride 0", "--stride: must be >= 1, got 0", 2),
     "batches 0": ("bench --model tiny --batches 0", "--batches: must be >= 1, got 0", 2),
+    "best on a preset": ("bench --model tiny --best", "--best needs an artifact or model folder as --model: tiny", 2),
+    "best with a reference": ("bench --model {c} --best --reference tiny", "--best compares the paths of one folder", 2),
     "negative max-new-tokens": ("generate --model tiny --prompt hi --max-new-tokens -3",
                                 "--max-new-tokens: must be >= 1, got -3", 2),
     "max-new-tokens past positions": ("generate --model tiny --prompt hi --max-new-tokens 300",
