@@ -277,12 +277,16 @@ def test_zero_point_off_by_one_fails_validation(artifacts, tmp_path, monkeypatch
 
 def test_cpu_fast_path_int8_activations(artifacts, gptq_ppl, tmp_path):
     """fp32 graph, accuracy_level 4 (W4A8, ONNX Runtime's fastest CPU kernel): validated against the dequantized
-    checkpoint with its own bound, greedy tokens and held-out perplexity as the GPTQ backend's."""
+    checkpoint with its own bound, greedy tokens as the reference's but at near-ties (a flip only where the
+    reference's margin is below twice the measured logit error), held-out perplexity as the GPTQ backend's."""
     folder = export_onnx_int4(str(artifacts[True, 32]), tmp_path / "fast", Int4Options(dtype="fp32", accuracy_level=4))
     manifest = json.loads((folder / "quantkit.json").read_text())
     assert manifest["options"] == {"dtype": "fp32", "accuracy_level": 4, "opset": 18}
     assert manifest["validation"]["tolerance"] == {"atol": 0.05, "rtol": 0.02}
-    assert all(c["greedy_equal_steps"] == c["steps"] for c in manifest["validation"]["cases"])
+    for case in manifest["validation"]["cases"]:  # a flip only where the logits' measured error can explain it
+        assert case["greedy_equal_steps"] + len(case["near_ties"]) >= case["steps"]
+        error = max(case["prefill_max_abs_diff"], case["decode_max_abs_diff"])
+        assert all(margin <= 2 * error for margin in case["near_ties"]), case
     assert {n.attributes["accuracy_level"].value for n in ir.load(folder / "model.onnx").graph
             if n.op_type == "MatMulNBits"} == {4}
     assert abs(heldout_ppl(OnnxBackend(folder, device="cpu")) / gptq_ppl - 1) < PPL_RELATIVE
