@@ -12,8 +12,10 @@ from quantkit.export import onnx_int4
 from quantkit.export.artifact import read_manifest
 from quantkit.export.gptq import GptqOptions, export_gptq
 from quantkit.export.onnx import Tolerance
+from quantkit.tiny import tiny_folder
 
 GPTQ_PATHS = {"gptq", "onnx-int4-fp32", "onnx-int4-fp32-a4"}
+DENSE_PATHS = {"torch-bf16", "torch-fp32", "onnx-fp32"}
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +54,14 @@ def test_a_path_that_fails_validation_is_reported_not_timed(capsys, rtn_folder, 
     failed = record["paths"]["onnx-int4-fp32-a4"]
     assert "validation failed" in failed["error"] and "decode" not in failed
     assert record["best"] in GPTQ_PATHS - {"onnx-int4-fp32-a4"}
+
+
+def test_best_on_a_dense_folder_tries_both_torch_dtypes_and_the_validated_onnx_export(capsys):
+    folder = tiny_folder() / "model"  # the committed tiny model: a plain fp16 safetensors folder
+    record = best(capsys, folder, "1")
+    paths = record["paths"]
+    assert set(paths) == DENSE_PATHS
+    assert all(paths[name]["backend"] == name for name in ("torch-bf16", "torch-fp32"))  # named by the model's dtype
+    assert paths["onnx-fp32"]["validation"]["passed"] is True
+    speeds = {name: path["decode"]["1"]["median"] for name, path in paths.items()}
+    assert all(speed > 0 for speed in speeds.values()) and record["best"] == max(speeds, key=speeds.get)
