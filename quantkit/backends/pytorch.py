@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
+
+from quantkit.kv_cache import preallocated_cache
 
 
 def decode_weight_bytes(model: PreTrainedModel) -> int:
@@ -14,7 +17,8 @@ def decode_weight_bytes(model: PreTrainedModel) -> int:
 
 
 class TorchBackend:
-    """Runs a transformers causal LM with a DynamicCache; also serves GPTQ models loaded through transformers."""
+    """Runs a transformers causal LM over a preallocated KV cache; also serves GPTQ models loaded through
+    transformers."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
         self.model = model
@@ -25,8 +29,8 @@ class TorchBackend:
         self.max_positions = model.config.max_position_embeddings
         self.decode_weight_bytes = decode_weight_bytes(model)
 
-    def new_cache(self, batch_size: int) -> DynamicCache:
-        return DynamicCache(config=self.model.config)
+    def new_cache(self, batch_size: int) -> Cache:
+        return preallocated_cache(self.model.config)
 
     @torch.inference_mode()
     def forward(
@@ -34,9 +38,9 @@ class TorchBackend:
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        cache: DynamicCache,
+        cache: Cache,
         last_only: bool = True,
-    ) -> tuple[torch.Tensor, DynamicCache]:
+    ) -> tuple[torch.Tensor, Cache]:
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
