@@ -262,8 +262,9 @@ def write_tables(report: dict) -> None:
 
 
 NOTES = [
-    "Shared machine, not final: measured while other jobs (a CI rehearsal) ran on the same 2 cores; rerun on an "
-    "idle machine for figures to quote.",
+    "No other job of ours ran during the measurement, but the machine is shared with other tenants: the same block "
+    "ran up to 1.7x faster in one round than in the other (vLLM bf16 at 200m, batch 1: 39.5 and 23.8 tok/s), so "
+    "quote the ratios of paths measured next to each other, not single figures.",
     "Weights are random (seeded presets) with the real StableLM tokenizer; GPTQ folders are RTN-quantized (the "
     "same packed layout as GPTQ, so the same speed).",
     "OpenMP on a shared machine: torch's threads spin at each parallel region's barrier by default; with other "
@@ -274,24 +275,28 @@ NOTES = [
     "The roofline columns count each path's own decode bytes: onnx-int4 graphs keep the LM head in fp32 (250 vs "
     "149 MiB at 200m, 998 vs 596 MiB at 3b:layers=2), so target (b) reads the fastest GPTQ path's tok/s against "
     "the GPTQ folder's bytes.",
-    "Profile (benchmarks/profile_gptq_decode.py, stablelm-200m GPTQ folder, batch 1, 2 threads, OMP_WAIT_POLICY "
-    "PASSIVE, shared machine; 45.8 ms/step under the profiler): LM head (unquantized bf16, 50688 x 1024, aten::mm) "
-    "33 %; int4 linears (gptqmodel picks TorchCpuAvx512Linear on this AVX512-BF16 CPU) 29 %; attention without its "
-    "linears 25 % (fp32 upcasts of q and the whole K cache, bmm, the cache's torch.cat per layer, module calls); "
-    "GELU 3 %; norms, rotary and masks 8 %; the runner's per-step work outside the forward 2 %. Attention's share "
-    "is mostly small ops (about 50 copies and 50 concatenations per step at 30-60 us each), which a passive "
-    "OpenMP wait policy makes dearer (each parallel region wakes its threads): rerun the profile on an idle "
-    "machine with the default policy.",
-    "Where the fixes belong: the LM head's bf16 GEMV moves 104 MB at about 7 GB/s effective (torch's CPU bf16 mm "
-    "at one row, i.e. oneDNN: library); the int4 kernel takes about 290 us per linear (gptqmodel's AVX512 kernel: "
-    "library); attention's per-step copies are ours (quantkit/attention.py upcasts the whole K cache to fp32 each "
-    "step, and transformers' DynamicCache concatenates): a preallocated cache with fp32 scores from bf16 inputs "
-    "would cut them; not done here. The runner's loop is not where the time goes.",
-    "Kernel choice: TorchAtenLinear vs TorchCpuAvx512Linear on stablelm-200m (3 repeats each, shared machine): "
-    "batch 1 21-28 vs 23-29 tok/s, batch 8 91-199 vs 78-100: inconclusive here; rerun on an idle machine before "
-    "changing gptqmodel's pick.",
-    "vLLM's prefill is 1.4-2x quantkit's GPTQ backend (128 and 512 tokens): its CPU build runs bf16 GEMMs "
-    "through oneDNN with AMX; quantkit's GPTQ prefill goes through gptqmodel's kernel per linear.",
+    "Fixed in quantkit since the first table (each measured interleaved in one process on the 200m GPTQ folder): "
+    "attention on CPU is one call to PyTorch's flash-attention kernel, which keeps scores "
+    "and softmax in fp32 for bf16 inputs, instead of upcasting q and the whole K cache each step (1.13x decode at "
+    "batch 1 and 8; bf16 rounds differently, nearer fp64 attention); the PyTorch backend's KV cache is preallocated and filled in place instead of transformers' "
+    "DynamicCache concatenating every layer's cache each step (1.10x at batch 8, neutral at batch 1, same tokens).",
+    "Profile (benchmarks/profile_gptq_decode.py, 200m GPTQ folder, 2 threads, default wait policy, after the "
+    "attention fix, before the cache fix; ms/step under the profiler): batch 1, 30.4 ms: int4 linears 28 %, LM "
+    "head (bf16, 50688 x 1024) 28 %, attention without its linears 26 %, GELU 5 %, norms/rotary/masks 11 %, the "
+    "runner outside the forward 2 %. Batch 8, 66.7 ms: int4 linears 37 %, LM head 14 %, attention without its "
+    "linears 35 %, of which the cache's torch.cat was 15 % of the step (the part the preallocated cache removes).",
+    "Where the rest belongs: the int4 kernel is gptqmodel's (gptqmodel picks TorchCpuAvx512Linear here; its "
+    "TorchAtenLinear measured 0.92x at batch 1, 1.05x at batch 8 and 0.29x prefill, interleaved, so its pick "
+    "stands); the LM head is torch's bf16 mm (oneDNN) at one row: torch.mv reads it in 0.72x the time in an "
+    "interleaved microbenchmark but gained 3 % end to end, and oneDNN's prepacked weights "
+    "(torch.ops.mkldnn._linear_pointwise) were slower at one row, so it is left to the library; what remains of "
+    "attention is transformers' GPT-NeoX module (partial rotary: slices, concatenations and multiplies per "
+    "layer, reshapes), which a fused rotary kernel in transformers or a compiled graph would remove. vLLM's CPU "
+    "build runs its own fused attention and rotary kernels and oneDNN GEMMs with cached weight layouts, which is "
+    "where it leads at batch 8 on the small (200m) shape; at 3b:layers=2, where weight bytes dominate, quantkit "
+    "matches it on GPTQ and leads on dense weights.",
+    "vLLM's prefill leads quantkit's GPTQ backend (bf16 GEMMs through oneDNN with AMX in its CPU build; "
+    "quantkit's GPTQ prefill goes through gptqmodel's kernel per linear).",
     "Roofline: decode weight bytes per step (every weight but the input embedding table) x steps/s / copy-test "
     "bandwidth. vLLM paths use the bytes quantkit's backend counts for the same folder and dtype.",
 ]
