@@ -15,34 +15,35 @@ BLOCK = 256  # tokens of room added when a layer's buffer is full
 
 
 class PreallocatedLayer(DynamicLayer):
-    """One layer's K and V in a [batch, heads, capacity, head_dim] buffer; `keys`/`values` view its filled part."""
+    """One layer's K and V in a [batch, heads, capacity, head_dim] buffer; `keys`/`values` view its filled part,
+    so the length is theirs (DynamicLayer.get_seq_length)."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.key_buffer = self.value_buffer = None
-        self.length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
         if self.key_buffer is None or end > self.key_buffer.shape[-2]:
-            self.key_buffer, self.value_buffer = self.grown(self.key_buffer, key_states, end), \
-                self.grown(self.value_buffer, value_states, end)
-        self.key_buffer[..., self.length : end, :] = key_states
-        self.value_buffer[..., self.length : end, :] = value_states
-        self.length = end
+            self.key_buffer = grown(self.key_buffer, key_states, start, end)
+            self.value_buffer = grown(self.value_buffer, value_states, start, end)
+        self.key_buffer[..., start:end, :] = key_states
+        self.value_buffer[..., start:end, :] = value_states
         self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
         return self.keys, self.values
 
-    def grown(self, buffer: torch.Tensor | None, states: torch.Tensor, needed: int) -> torch.Tensor:
-        """A buffer with room for `needed` + BLOCK tokens holding the first `self.length` of `buffer`."""
-        batch, heads, _, head_dim = states.shape
-        bigger = states.new_empty((batch, heads, needed + BLOCK, head_dim))
-        if buffer is not None:
-            bigger[..., : self.length, :] = buffer[..., : self.length, :]
-        return bigger
+
+def grown(buffer: torch.Tensor | None, states: torch.Tensor, filled: int, needed: int) -> torch.Tensor:
+    """A buffer with room for `needed` + BLOCK tokens holding the first `filled` tokens of `buffer`."""
+    batch, heads, _, head_dim = states.shape
+    bigger = states.new_empty((batch, heads, needed + BLOCK, head_dim))
+    if buffer is not None:
+        bigger[..., :filled, :] = buffer[..., :filled, :]
+    return bigger
 
 
 def preallocated_cache(config: PretrainedConfig) -> Cache:
