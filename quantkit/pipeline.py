@@ -1,8 +1,9 @@
 """`quantkit run RECIPE...`: source -> export (validated) -> evaluate vs the reference -> benchmark -> table.
 
-Each stage records a fingerprint of its inputs (recipe content, source files, tool versions, upstream stage) in
-`<out>/<recipe>/stages.json`. A stage whose fingerprint is unchanged and whose output is complete is skipped, so a
-rerun after an interruption resumes where it stopped and a changed option re-runs only what depends on it.
+Each stage records a fingerprint of its inputs (recipe content, source files, tool versions, quantkit's own code,
+upstream stage) in `<out>/<recipe>/stages.json`. A stage whose fingerprint is unchanged and whose output is complete
+is skipped, so a rerun after an interruption resumes where it stopped, a changed option re-runs only what depends on
+it, and a changed quantkit re-runs everything.
 Artifacts are written to a temporary folder and renamed into place, so a kill never leaves a half-written one.
 Every stage runs in its own process (killed with the run), which also makes its peak RSS its own: each stage's
 seconds and peak memory go into the table's JSON (`stages` of each row). What a stage and its libraries print goes
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from quantkit.errors import QuantkitError
-from quantkit.fingerprint import fingerprint
+from quantkit.fingerprint import code_fingerprint, fingerprint
 from quantkit.formats import get_format
 from quantkit.export.artifact import verify, versions
 from quantkit.paths import atomic_write, file_lock, output_folder
@@ -171,7 +172,7 @@ def run_recipe_in(recipe: Recipe, folder: Path, force: bool, log: Log) -> dict:
         (folder / "stages.json").unlink(missing_ok=True)
     book = StageBook(folder / "stages.json")
     artifact = folder / "artifact"
-    export_inputs = fingerprint(source_fingerprint(source_spec(recipe)), recipe.export, versions())
+    export_inputs = fingerprint(source_fingerprint(source_spec(recipe)), recipe.export, versions(), code_fingerprint())
     record = folder / "export.json"
     done = f"{recipe.export['format']} of {source_spec(recipe)}, validated"
     if book.is_current("export", export_inputs) and artifact.is_dir() and not verify(artifact) and record.is_file():
@@ -189,7 +190,8 @@ def reference_row(recipe: Recipe, out_root: Path, log: Log) -> dict:
     """The source model measured once per run (it checks itself: KL 0, top-1 100 %)."""
     spec = source_spec(recipe)
     with stage_folder(out_root / f"reference-{fingerprint(recipe.source)}", log) as folder:
-        return measure_rows("reference", spec, folder, StageBook(folder / "stages.json"), source_fingerprint(spec),
+        upstream = fingerprint(source_fingerprint(spec), code_fingerprint())
+        return measure_rows("reference", spec, folder, StageBook(folder / "stages.json"), upstream,
                             eval_request(recipe), bench_settings(recipe), log)
 
 

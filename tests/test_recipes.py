@@ -14,6 +14,7 @@ import pytest
 
 from quantkit.cli import main
 from quantkit.export.artifact import verify
+from quantkit.fingerprint import code_fingerprint
 from quantkit.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
@@ -102,7 +103,7 @@ def run_recipe(capsys, recipe: Path, out: Path, results: Path, *extra: str) -> s
     return capsys.readouterr().out
 
 
-def test_run_produces_artifact_manifest_and_row_then_skips_then_reruns_what_changed(tmp_path, capsys):
+def test_run_produces_artifact_manifest_and_row_then_skips_then_reruns_what_changed(tmp_path, capsys, monkeypatch):
     recipe = tmp_path / "fast.toml"
     recipe.write_text(FAST_RECIPE.format(name="fast", group_size=32))
     out, results = tmp_path / "out", tmp_path / "results"
@@ -129,6 +130,10 @@ def test_run_produces_artifact_manifest_and_row_then_skips_then_reruns_what_chan
     assert ran(third) == 3 and cached(third) == 2  # the reference is untouched
     assert json.loads((artifact / "quantkit.json").read_text())["recipe"]["export"]["group_size"] == 64
 
+    monkeypatch.setattr("quantkit.pipeline.code_fingerprint", lambda: "other quantkit code")
+    fourth = run_recipe(capsys, recipe, out, results, "--set", "export.group_size=64")
+    assert ran(fourth) == 5 and cached(fourth) == 0  # results measured with other code are stale
+
 
 def test_sigkill_during_export_leaves_nothing_then_rerun_completes(tmp_path):
     recipe = tmp_path / "kill.toml"
@@ -150,6 +155,20 @@ def test_sigkill_during_export_leaves_nothing_then_rerun_completes(tmp_path):
 
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert verify(staging / "artifact") == []
+
+
+def test_code_fingerprint_follows_every_python_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    before = code_fingerprint.__wrapped__(tmp_path)
+    (tmp_path / "notes.txt").write_text("not code")
+    assert code_fingerprint.__wrapped__(tmp_path) == before
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert code_fingerprint.__wrapped__(tmp_path) != before
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "b.py")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    assert code_fingerprint.__wrapped__(tmp_path) not in {before, code_fingerprint()}  # a moved file counts too
 
 
 def test_verify_detects_a_flipped_byte(tmp_path, capsys):
