@@ -35,12 +35,17 @@ NAME = "vllm_side_by_side"
 # engine path -> (weight format, folder, dtype); quantkit's paths open with quantkit.backends, vLLM's with LLM(...).
 QUANTKIT = {
     "gptq-bf16": ("gptq", "gptq", None),
+    "gptq-bf16-library": ("gptq", "gptq", None),
     "onnx-int4-fp32": ("gptq", "onnx-int4-fp32", None),
     "onnx-int4-a4": ("gptq", "onnx-int4-a4", None),
     "torch-bf16": ("dense", "dense", "bf16"),
+    "torch-bf16-library": ("dense", "dense", "bf16"),
     "torch-fp32": ("dense", "dense", "fp32"),
     "onnx-fp32": ("dense", "onnx-fp32", None),
 }
+# quantkit's batch-1 decode runs on its own CPU kernels where they run (quantkit.decode_linear); these paths run
+# torch's and gptqmodel's kernels only, so the table shows what the kernels are worth.
+LIBRARY_KERNELS = {"gptq-bf16-library", "torch-bf16-library"}
 VLLM = {
     "vllm-gptq-bf16": ("gptq", "gptq", "bfloat16"),
     "vllm-gptq-fp16": ("gptq", "gptq", "float16"),
@@ -115,7 +120,7 @@ def quantkit_block(spec: dict) -> dict:
     from quantkit.runner import generate
 
     torch.set_num_threads(spec["threads"])
-    backend = open_backend(spec["folder"], dtype=spec["dtype"], device="cpu")
+    backend = open_backend(spec["folder"], dtype=spec["dtype"], device="cpu", native_kernels=spec["native_kernels"])
     greedy = Sampler(vocab_limit=len(backend.tokenizer))
     result = figures(lambda p, n: generate(backend, p, n, greedy, stop_ids=[]), spec)
     return {**result, "decode_weight_bytes": backend.decode_weight_bytes, "backend": backend.name,
@@ -154,7 +159,8 @@ def interleaved() -> list[tuple[str, str]]:
 def block_spec(engine: str, path: str, folders: dict[str, Path], shared: dict) -> dict:
     fmt, folder, dtype = (QUANTKIT if engine == "quantkit" else VLLM)[path]
     quantization = "gptq" if engine == "vllm" and fmt == "gptq" else None
-    return {**shared, "folder": str(folders[folder]), "dtype": dtype, "quantization": quantization}
+    return {**shared, "folder": str(folders[folder]), "dtype": dtype, "quantization": quantization,
+            "native_kernels": path not in LIBRARY_KERNELS}
 
 
 # ---- summary -----------------------------------------------------------------------------------------------------

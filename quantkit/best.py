@@ -1,7 +1,9 @@
 """`quantkit bench --best`: which engine path runs an artifact fastest on this machine.
 
 The paths of an artifact folder are the runner's backends for it and the exports it converts to (a GPTQ folder:
-the GPTQ backend and onnx-int4 graphs; a dense folder: PyTorch in two dtypes and ONNX). Every export goes through
+the GPTQ backend and onnx-int4 graphs; a dense folder: PyTorch in two dtypes and ONNX). Where quantkit's one-row CPU
+kernels run (quantkit.decode_linear), the bf16 PyTorch and GPTQ paths are also tried without them
+(`-library-kernels`: torch's and gptqmodel's kernels only), so the table shows what they are worth here. Every export goes through
 its exporter into a scratch folder, so it is validated against the reference with the exporter's own tolerance
 (a path that fails is reported, never timed). Each path's decode tokens/s is measured by quantkit.bench; the
 fastest at the first batch size is `best`, and the fastest per batch size is `best_by_batch`.
@@ -14,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from quantkit import native
 from quantkit.backends import Backend, artifact_kind, open_backend
 from quantkit.bench import BenchSettings, copy_bandwidth_gbs, decode_speed
 from quantkit.errors import QuantkitError
@@ -30,9 +33,10 @@ def manifest_validation(folder: Path) -> dict | None:
         return None
 
 
-def native(spec: str, device: str, dtype: str | None = None) -> Opener:
+def runner_backend(spec: str, device: str, dtype: str | None = None, native_kernels: bool = True) -> Opener:
     """A path that runs the folder itself on one of the runner's backends."""
-    return lambda _: (open_backend(spec, dtype=dtype, device=device), manifest_validation(Path(spec)))
+    return lambda _: (open_backend(spec, dtype=dtype, device=device, native_kernels=native_kernels),
+                      manifest_validation(Path(spec)))
 
 
 def exported(export: Callable[[Path], Path], name: str, device: str) -> Opener:
@@ -49,22 +53,27 @@ def candidate_paths(folder: Path, device: str) -> dict[str, Opener]:
     from quantkit.export.onnx_int4 import Int4Options, export_onnx_int4
 
     cuda = device.startswith("cuda")
+    with_and_without_kernels = not cuda and native.available()
     spec = str(folder)
     kind = artifact_kind(spec)
     if kind == "onnx":
-        return {"onnx": native(spec, device)}
+        return {"onnx": runner_backend(spec, device)}
     paths: dict[str, Opener] = {}
     if kind == "gptq":
         int4 = {"onnx-int4-fp16": Int4Options()} if cuda else {
             "onnx-int4-fp32": Int4Options(dtype="fp32"),
             "onnx-int4-fp32-a4": Int4Options(dtype="fp32", accuracy_level=4)}
-        paths["gptq"] = native(spec, device)
+        paths["gptq"] = runner_backend(spec, device)
+        if with_and_without_kernels:
+            paths["gptq-library-kernels"] = runner_backend(spec, device, native_kernels=False)
         for name, options in int4.items():
             paths[name] = exported(lambda out, o=options: export_onnx_int4(spec, out, o), name, device)
         return paths
     onnx_dtype = "fp16" if cuda else "fp32"
     for dtype in ("fp16",) if cuda else ("bf16", "fp32"):
-        paths[f"torch-{dtype}"] = native(spec, device, dtype)
+        paths[f"torch-{dtype}"] = runner_backend(spec, device, dtype)
+        if dtype == "bf16" and with_and_without_kernels:
+            paths["torch-bf16-library-kernels"] = runner_backend(spec, device, dtype, native_kernels=False)
     paths[f"onnx-{onnx_dtype}"] = exported(
         lambda out: export_onnx(spec, out, OnnxOptions(dtype=onnx_dtype, device=device)), f"onnx-{onnx_dtype}", device)
     return paths

@@ -11,11 +11,14 @@ from quantkit.cli import main
 from quantkit.export import onnx_int4
 from quantkit.export.artifact import read_manifest
 from quantkit.export.gptq import GptqOptions, export_gptq
+from quantkit import native
 from quantkit.export.onnx import Tolerance
 from quantkit.tiny import tiny_folder
 
-GPTQ_PATHS = {"gptq", "onnx-int4-fp32", "onnx-int4-fp32-a4"}
-DENSE_PATHS = {"torch-bf16", "torch-fp32", "onnx-fp32"}
+# Where quantkit's one-row CPU kernels run, the GPTQ and bf16 paths are tried without them too.
+WITHOUT_KERNELS = native.available()
+GPTQ_PATHS = {"gptq", "onnx-int4-fp32", "onnx-int4-fp32-a4"} | ({"gptq-library-kernels"} if WITHOUT_KERNELS else set())
+DENSE_PATHS = {"torch-bf16", "torch-fp32", "onnx-fp32"} | ({"torch-bf16-library-kernels"} if WITHOUT_KERNELS else set())
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +38,10 @@ def test_best_tries_each_validated_path_and_names_the_fastest(capsys, rtn_folder
     record = best(capsys, rtn_folder, "1", "2")
     paths = record["paths"]
     assert set(paths) == GPTQ_PATHS
-    assert paths["gptq"]["backend"] == "gptq-4bit"
-    assert paths["gptq"]["validation"] == read_manifest(rtn_folder)["validation"]
-    for name in GPTQ_PATHS - {"gptq"}:
+    for name in GPTQ_PATHS & {"gptq", "gptq-library-kernels"}:
+        assert paths[name]["backend"] == "gptq-4bit"
+        assert paths[name]["validation"] == read_manifest(rtn_folder)["validation"]
+    for name in GPTQ_PATHS - {"gptq", "gptq-library-kernels"}:
         assert paths[name]["backend"] == "onnx-int4"
         assert paths[name]["validation"]["passed"] is True
         assert paths[name]["validation"]["reference"].startswith("gptq-dequantized-float32")

@@ -22,6 +22,8 @@ from quantkit.backends.gptq import open_gptq
 from quantkit.calib import calibration_samples, default_calib, load_calibration, parse_calib_spec, share_out
 from quantkit.chat import render_dialogue, stop_token_ids
 from quantkit.cli import main
+from quantkit import native
+from quantkit.decode_linear import DecodeLinear
 from quantkit.data import load_dataset
 from quantkit.formats import serving_problems
 from quantkit.errors import QuantkitError
@@ -151,6 +153,29 @@ def check_logits(folder: Path, ids: torch.Tensor) -> None:
 
 def test_logits_match_independent_dequantizer(gptq_folder, heldout_tokens):
     check_logits(gptq_folder, heldout_tokens)
+
+
+def test_one_row_decode_steps_match_independent_dequantizer(gptq_folder, heldout_tokens):
+    """Batch-1 decode steps (one row: quantkit's CPU kernels where they run) within the same bounds."""
+    backend = open_gptq(gptq_folder, "cpu")
+    assert any(isinstance(m, DecodeLinear) for m in backend.model.modules()) == native.available()
+    ids, prompt = heldout_tokens[:1, :64], 48
+    cache = backend.new_cache(1)
+    _, cache = backend.forward(ids[:, :prompt], torch.arange(prompt)[None], torch.ones(1, prompt, dtype=torch.long),
+                               cache)
+    steps = []
+    for position in range(prompt, ids.shape[1]):
+        logits, cache = backend.forward(ids[:, position:position + 1], torch.tensor([[position]]),
+                                        torch.ones(1, position + 1, dtype=torch.long), cache)
+        steps.append(logits[:, -1])
+    got = torch.stack(steps, dim=1)
+    with torch.no_grad():
+        want = reference_model(gptq_folder)(ids).logits[:, prompt:]
+    error = (got - want).abs()
+    assert error.max() < MAX_LOGIT_ERROR and error.mean() < MEAN_LOGIT_ERROR, (error.max(), error.mean())
+    top2 = want.topk(2, dim=-1).values
+    flipped = got.argmax(-1) != want.argmax(-1)
+    assert (top2[..., 0] - top2[..., 1])[flipped].le(NEAR_TIE).all(), "top-1 differs where the reference is decided"
 
 
 def test_act_order_logits_match_independent_dequantizer(act_order_folder, heldout_tokens):

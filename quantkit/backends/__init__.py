@@ -8,6 +8,7 @@ import torch
 
 from quantkit.backends.base import Backend
 from quantkit.backends.pytorch import TorchBackend
+from quantkit.decode_linear import use_decode_kernels
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -23,8 +24,10 @@ def artifact_kind(spec: str) -> str:
     return "torch"
 
 
-def open_backend(spec: str, dtype: str | None = None, device: str | None = None) -> Backend:
-    """The runner backend for `spec`; `dtype` (fp32/fp16/bf16) applies to the PyTorch path."""
+def open_backend(spec: str, dtype: str | None = None, device: str | None = None, native_kernels: bool = True
+                 ) -> Backend:
+    """The runner backend for `spec`; `dtype` (fp32/fp16/bf16) applies to the PyTorch path; `native_kernels`: batch-1
+    decode steps of bf16/GPTQ models on quantkit's CPU kernels where they run (quantkit.decode_linear)."""
     kind = artifact_kind(spec)
     if kind == "onnx":
         from quantkit.backends.onnxrt import OnnxBackend
@@ -33,10 +36,12 @@ def open_backend(spec: str, dtype: str | None = None, device: str | None = None)
     if kind == "gptq":
         from quantkit.backends.gptq import open_gptq
 
-        return open_gptq(Path(spec), device=device)
+        return open_gptq(Path(spec), device=device, native_kernels=native_kernels)
     from quantkit.sources import load_model
 
     torch_dtype = DTYPES[dtype] if dtype else None
     model, tokenizer = load_model(spec, dtype=torch_dtype, device=device)
     label = {v: k for k, v in DTYPES.items()}[model.dtype]
+    if native_kernels:
+        use_decode_kernels(model)
     return TorchBackend(model, tokenizer, name=f"torch-{label}")

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, GPTQConfig
 
 from quantkit.attention import ATTN_IMPLEMENTATION  # importing it registers the "fp32" attention
 from quantkit.backends.pytorch import TorchBackend
+from quantkit.decode_linear import use_decode_kernels
 from quantkit.errors import QuantkitError
 from quantkit.sources import default_device, first_line, load_tokenizer
 
@@ -36,8 +37,9 @@ def kernel_override(quantization: dict, device: str) -> dict:
     return {"quantization_config": GPTQConfig(bits=quantization["bits"], backend="gptq_torch")}
 
 
-def open_gptq(folder: Path, device: str | None = None) -> TorchBackend:
-    """The runner backend for a GPTQ artifact folder (config.json with quantization_config)."""
+def open_gptq(folder: Path, device: str | None = None, native_kernels: bool = True) -> TorchBackend:
+    """The runner backend for a GPTQ artifact folder (config.json with quantization_config); `native_kernels`:
+    batch-1 decode steps on quantkit's CPU kernels where they run (quantkit.decode_linear)."""
     device = device or default_device()
     quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
     if quantization.get("bits") not in BITS:
@@ -55,4 +57,6 @@ def open_gptq(folder: Path, device: str | None = None) -> TorchBackend:
             )
     except Exception as exc:  # missing optimum/gptqmodel, corrupt tensors, unsupported kernel
         raise QuantkitError(f"could not load the GPTQ artifact {folder}: {first_line(exc)}") from None
+    if native_kernels:
+        use_decode_kernels(model, folder)
     return TorchBackend(model.eval(), load_tokenizer(folder), name=f"gptq-{quantization['bits']}bit")

@@ -1,0 +1,119 @@
+/* One-row products for CPUs with AVX512-BF16: y = W x (+ bias) for the single row of a batch-1 decode step.
+ *
+ * Why hand-written: at one row, torch's bf16 F.linear (oneDNN) and gptqmodel's CPU int4 kernel read weights well
+ * below the machine's copy bandwidth (benchmarks/gemv_bench.py measures all three). Both products here stream
+ * four weight rows at a time (prefetching the next four: without it, weights that come from DRAM stream at about
+ * half the rate), widen them to bf16 in registers and accumulate with vdpbf16ps in fp32. Prefetches never fault, so
+ * the last block's reach past the end is harmless.
+ *
+ * x and y are bf16 (raw uint16 bits); sums are fp32; y is rounded to nearest even. Threads: OpenMP over output
+ * rows in the process's OpenMP runtime (torch's libgomp: torch.set_num_threads applies, no second pool spins).
+ *
+ * int4 layout (quantkit/native/__init__.py builds it from a GPTQ checkpoint): row n is K/2 bytes in units of 128
+ * inputs, 64 bytes each. Byte 16*L + i of a unit (L = 0-3, i = 0-15) holds in its low nibble the code of unit input
+ * 8*L + i (i < 8) or 32 + 8*L + i - 8 (i >= 8), and in its high nibble that input + 64: the order in which the
+ * unpacks below read them back. scales[n*G + g] (fp32) and zeros[n*G + g] (0-15) per row and group of `group`
+ * inputs: w[n,k] = scale * (code - zero). A code interleaved with the byte 0x43 is the bf16 0x43cc = 128 + code,
+ * so with X_g the sum of x over group g:  y[n] = sum_g scale * (sum_k (128 + code) x[k] - (128 + zero) X_g).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ROWS 4          /* weight rows in flight per thread; the next ROWS rows are prefetched meanwhile */
+#define MAX_GROUPS 512  /* K / group */
+
+static inline uint16_t round_to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline __m512bh load_bf16(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
+
+static inline __attribute__((always_inline)) void bf16_rows(
+    const uint16_t *restrict x, const uint16_t *restrict w, const int R, int n0, int K, const float *restrict bias,
+    uint16_t *restrict y) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 32) {
+        const __m512bh xs = load_bf16(x + k);
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + (size_t)(n0 + r + ROWS) * K + k), _MM_HINT_T0);
+            acc[r] = _mm512_dpbf16_ps(acc[r], load_bf16(w + (size_t)(n0 + r) * K + k), xs);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[n0 + r] = round_to_bf16(_mm512_reduce_add_ps(acc[r]) + (bias ? bias[n0 + r] : 0.0f));
+}
+
+/* y[N] = w[N,K] x[K] (+ bias[N]); K a multiple of 32. */
+void qk_bf16_gemv(const uint16_t *x, const uint16_t *w, int N, int K, const float *bias, uint16_t *y) {
+    const int blocks = N / ROWS;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) bf16_rows(x, w, ROWS, b * ROWS, K, bias, y);
+    for (int n = blocks * ROWS; n < N; n++) bf16_rows(x, w, 1, n, K, bias, y);
+}
+
+/* The four bf16 vectors (inputs 0-31, 32-63, 64-95, 96-127) of one 128-input unit of int4 codes. */
+static inline __attribute__((always_inline)) void int4_unit(const uint8_t *unit, __m512bh out[4]) {
+    const __m512i bytes = _mm512_loadu_si512((const void *)unit), nibble = _mm512_set1_epi8(0x0f);
+    const __m512i exponent = _mm512_set1_epi8(0x43);
+    const __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+    out[0] = (__m512bh)_mm512_unpacklo_epi8(low, exponent);
+    out[1] = (__m512bh)_mm512_unpackhi_epi8(low, exponent);
+    out[2] = (__m512bh)_mm512_unpacklo_epi8(high, exponent);
+    out[3] = (__m512bh)_mm512_unpackhi_epi8(high, exponent);
+}
+
+static inline __attribute__((always_inline)) void int4_rows(
+    const uint16_t *restrict x, const float *restrict xsum, const uint8_t *restrict q, const float *restrict scales,
+    const uint8_t *restrict zeros, int n0, int K, int group, const float *restrict bias, uint16_t *restrict y) {
+    const int R = ROWS, G = K / group, vectors_per_group = group / 32;
+    __m512 total[ROWS], acc[ROWS];
+    float offset[ROWS];
+    for (int r = 0; r < R; r++) total[r] = acc[r] = _mm512_setzero_ps(), offset[r] = 0.0f;
+    int g = 0, left = vectors_per_group;
+    for (int k0 = 0; k0 < K; k0 += 128) {
+        __m512bh ws[ROWS][4];
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(q + (size_t)(n0 + r + ROWS) * (K / 2) + k0 / 2), _MM_HINT_T0);
+            int4_unit(q + (size_t)(n0 + r) * (K / 2) + k0 / 2, ws[r]);
+        }
+        for (int t = 0; t < 4; t++) {
+            const __m512bh xs = load_bf16(x + k0 + 32 * t);
+            for (int r = 0; r < R; r++) acc[r] = _mm512_dpbf16_ps(acc[r], ws[r][t], xs);
+            if (--left == 0) { /* the end of group g: scale its sums, start the next */
+                for (int r = 0; r < R; r++) {
+                    const size_t at = (size_t)(n0 + r) * G + g;
+                    total[r] = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(scales[at]), total[r]);
+                    acc[r] = _mm512_setzero_ps();
+                    offset[r] += scales[at] * (float)(128 + zeros[at]) * xsum[g];
+                }
+                g++, left = vectors_per_group;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[n0 + r] = round_to_bf16(_mm512_reduce_add_ps(total[r]) - offset[r] + (bias ? bias[n0 + r] : 0.0f));
+}
+
+/* y[N] = dequant(q)[N,K] x[K] (+ bias[N]); N a multiple of ROWS (GPTQ packs zeros eight columns to a word), K a
+ * multiple of 128, group a multiple of 32 dividing K, K / group at most MAX_GROUPS. */
+void qk_int4_gemv(const uint16_t *x, const uint8_t *q, const float *scales, const uint8_t *zeros, int N, int K,
+                  int group, const float *bias, uint16_t *y) {
+    const int G = K / group, blocks = N / ROWS;
+    float xsum[MAX_GROUPS];
+    for (int g = 0; g < G; g++) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int k = g * group; k < (g + 1) * group; k += 16) {
+            const __m256i halves = _mm256_loadu_si256((const __m256i *)(x + k));  /* bf16 -> fp32: shift left 16 */
+            sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16)));
+        }
+        xsum[g] = _mm512_reduce_add_ps(sum);
+    }
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) int4_rows(x, xsum, q, scales, zeros, b * ROWS, K, group, bias, y);
+}
