@@ -269,7 +269,7 @@ def write_tables(report: dict) -> None:
 
 NOTES = [
     "No other job of ours ran during the measurement, but the machine is shared with other tenants: the same block "
-    "ran up to 1.7x faster in one round than in the other (vLLM bf16 at 200m, batch 1: 39.5 and 23.8 tok/s), so "
+    "ran up to 1.7x faster in one round than in the other (onnx-int4-fp32 at 200m, batch 1: 27.8 and 46.4 tok/s), so "
     "quote the ratios of paths measured next to each other, not single figures.",
     "Weights are random (seeded presets) with the real StableLM tokenizer; GPTQ folders are RTN-quantized (the "
     "same packed layout as GPTQ, so the same speed).",
@@ -284,23 +284,35 @@ NOTES = [
     "Fixed in quantkit since the first table (each measured interleaved in one process on the 200m GPTQ folder): "
     "attention on CPU is one call to PyTorch's flash-attention kernel, which keeps scores "
     "and softmax in fp32 for bf16 inputs, instead of upcasting q and the whole K cache each step (1.13x decode at "
-    "batch 1 and 8; bf16 rounds differently, nearer fp64 attention); the PyTorch backend's KV cache is preallocated and filled in place instead of transformers' "
-    "DynamicCache concatenating every layer's cache each step (1.10x at batch 8, neutral at batch 1, same tokens).",
-    "Profile (benchmarks/profile_gptq_decode.py, 200m GPTQ folder, 2 threads, default wait policy, after the "
-    "attention fix, before the cache fix; ms/step under the profiler): batch 1, 30.4 ms: int4 linears 28 %, LM "
-    "head (bf16, 50688 x 1024) 28 %, attention without its linears 26 %, GELU 5 %, norms/rotary/masks 11 %, the "
-    "runner outside the forward 2 %. Batch 8, 66.7 ms: int4 linears 37 %, LM head 14 %, attention without its "
-    "linears 35 %, of which the cache's torch.cat was 15 % of the step (the part the preallocated cache removes).",
-    "Where the rest belongs: the int4 kernel is gptqmodel's (gptqmodel picks TorchCpuAvx512Linear here; its "
-    "TorchAtenLinear measured 0.92x at batch 1, 1.05x at batch 8 and 0.29x prefill, interleaved, so its pick "
-    "stands); the LM head is torch's bf16 mm (oneDNN) at one row: torch.mv reads it in 0.72x the time in an "
-    "interleaved microbenchmark but gained 3 % end to end, and oneDNN's prepacked weights "
-    "(torch.ops.mkldnn._linear_pointwise) were slower at one row, so it is left to the library; what remains of "
-    "attention is transformers' GPT-NeoX module (partial rotary: slices, concatenations and multiplies per "
-    "layer, reshapes), which a fused rotary kernel in transformers or a compiled graph would remove. vLLM's CPU "
-    "build runs its own fused attention and rotary kernels and oneDNN GEMMs with cached weight layouts, which is "
-    "where it leads at batch 8 on the small (200m) shape; at 3b:layers=2, where weight bytes dominate, quantkit "
-    "matches it on GPTQ and leads on dense weights.",
+    "batch 1 and 8; bf16 rounds differently, nearer fp64 attention); the PyTorch backend's KV cache is preallocated "
+    "and filled in place instead of transformers' DynamicCache concatenating every layer's cache each step (1.10x at "
+    "batch 8, neutral at batch 1, same tokens).",
+    "New in this table: a batch-1 decode step of the bf16 and GPTQ paths runs its linears on quantkit's one-row "
+    "kernels (quantkit/native/gemv.c: AVX512-BF16 dot products with fp32 sums, four weight rows streamed at a time "
+    "with the next four prefetched). The -library rows are the same folders on torch's and gptqmodel's kernels "
+    "only, in the same rounds: at batch 1, round by round, gptq-bf16 1.74x / 1.28x the library path (200m) and "
+    "1.46x / 1.54x (3b:layers=2), torch-bf16 1.62x / 1.37x and 1.55x / 1.66x. "
+    "benchmarks/results/gemv.md has the kernels alone over a whole decode step's weights: int4 layers 1.32x "
+    "gptqmodel's TorchCpuAvx512Linear (11.4 vs 8.6 GB/s), LM head 1.8-2.0x torch's bf16 F.linear (23-24 vs 12-13 "
+    "GB/s). Batch 8 and prefill keep the libraries' kernels (the one-row kernels lose to oneDNN/AMX and gptqmodel "
+    "from two rows up: 0.86x at eight rows), so batch-8 rows differ only by noise. The int4 kernel keeps its own "
+    "copy of the packed weights beside gptqmodel's (peak RSS 1.64 vs 1.56 GiB at 200m).",
+    "Profile before the one-row kernels (benchmarks/profile_gptq_decode.py, 200m GPTQ folder, 2 threads, default "
+    "wait policy, after the attention fix, before the cache fix; ms/step under the profiler): batch 1, 30.4 ms: "
+    "int4 linears 28 %, LM head (bf16, 50688 x 1024) 28 %, attention without its linears 26 %, GELU 5 %, "
+    "norms/rotary/masks 11 %, the runner outside the forward 2 %. Batch 8, 66.7 ms: int4 linears 37 %, LM head "
+    "14 %, attention without its linears 35 %, of which the cache's torch.cat was 15 % of the step (the part the "
+    "preallocated cache removes). After them (200m GPTQ, batch 1, wall-clock timers around the kernel calls, "
+    "18.9 ms/step on this shared machine): int4 kernel 5.2 ms, LM head 4.9 ms, everything else 8.8 ms.",
+    "Where the rest belongs: at 200m, batch 1 misses 50 % of the roofline because about half the step is no longer "
+    "weight reads but transformers' GPT-NeoX modules: per layer about 30 small ops (partial rotary: slices, "
+    "concatenations, multiplies; reshapes, layer norms, GELU) and PyTorch's flash-attention call (43-55 us alone "
+    "at 160 keys, about 140 us inside the step), each a dispatch and often an OpenMP region on 4,096 elements; a "
+    "fused rotary/attention kernel in transformers or a compiled decode graph would remove them. At batch 8 the "
+    "int4 GEMM is gptqmodel's (its TorchAtenLinear measured 0.92x at batch 1, 1.05x at batch 8 and 0.29x prefill "
+    "against TorchCpuAvx512Linear, interleaved, so gptqmodel's pick stands); vLLM's CPU build runs its own fused "
+    "attention and rotary kernels and oneDNN GEMMs with cached weight layouts, which is where it leads GPTQ at "
+    "batch 8 on 3b:layers=2.",
     "vLLM's prefill leads quantkit's GPTQ backend (bf16 GEMMs through oneDNN with AMX in its CPU build; "
     "quantkit's GPTQ prefill goes through gptqmodel's kernel per linear).",
     "Roofline: decode weight bytes per step (every weight but the input embedding table) x steps/s / copy-test "

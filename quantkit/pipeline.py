@@ -162,6 +162,16 @@ def measure_rows(name: str, spec: str, folder: Path, book: StageBook, upstream: 
             "eval": ev, "bench": bench, "stages": stages}
 
 
+def export_fingerprint(recipe: Recipe) -> str:
+    """The export stage's inputs: source files, export options, tool versions and quantkit's code."""
+    return fingerprint(source_fingerprint(source_spec(recipe)), recipe.export, versions(), code_fingerprint())
+
+
+def reference_fingerprint(spec: str) -> str:
+    """The reference row's inputs: the source model's files and quantkit's code."""
+    return fingerprint(source_fingerprint(spec), code_fingerprint())
+
+
 def run_recipe(recipe: Recipe, out_root: Path, force: bool, log: Log) -> dict:
     with stage_folder(out_root / recipe.name, log) as folder:
         return run_recipe_in(recipe, folder, force, log)
@@ -172,7 +182,7 @@ def run_recipe_in(recipe: Recipe, folder: Path, force: bool, log: Log) -> dict:
         (folder / "stages.json").unlink(missing_ok=True)
     book = StageBook(folder / "stages.json")
     artifact = folder / "artifact"
-    export_inputs = fingerprint(source_fingerprint(source_spec(recipe)), recipe.export, versions(), code_fingerprint())
+    export_inputs = export_fingerprint(recipe)
     record = folder / "export.json"
     done = f"{recipe.export['format']} of {source_spec(recipe)}, validated"
     if book.is_current("export", export_inputs) and artifact.is_dir() and not verify(artifact) and record.is_file():
@@ -190,8 +200,7 @@ def reference_row(recipe: Recipe, out_root: Path, log: Log) -> dict:
     """The source model measured once per run (it checks itself: KL 0, top-1 100 %)."""
     spec = source_spec(recipe)
     with stage_folder(out_root / f"reference-{fingerprint(recipe.source)}", log) as folder:
-        upstream = fingerprint(source_fingerprint(spec), code_fingerprint())
-        return measure_rows("reference", spec, folder, StageBook(folder / "stages.json"), upstream,
+        return measure_rows("reference", spec, folder, StageBook(folder / "stages.json"), reference_fingerprint(spec),
                             eval_request(recipe), bench_settings(recipe), log)
 
 
