@@ -21,6 +21,7 @@ from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
 from quantkit.backends.gptq import open_gptq
 from quantkit.bench import filler_prompt
 from quantkit.chat import Sampler
+from quantkit.decode_linear import DecodeLinear
 from quantkit.runner import generate
 
 
@@ -34,7 +35,8 @@ def add_ranges(model: torch.nn.Module) -> None:
 
     for name, module in model.named_modules():
         kind = type(module).__name__
-        if isinstance(module, TorchAtenLinear):  # TorchCpuAvx512Linear too, its AVX512-BF16 subclass
+        inner = module.layer if isinstance(module, DecodeLinear) else module  # quantkit's one-row kernel wraps it
+        if isinstance(inner, TorchAtenLinear) and not name.endswith(".layer"):  # TorchCpuAvx512Linear too
             wrap(module, "int4 linear (attention)" if ".attention." in name else "int4 linear (mlp)")
         elif kind in ("GPTNeoXAttention", "GPTNeoXMLP"):
             wrap(module, kind.removeprefix("GPTNeoX").lower())

@@ -64,8 +64,9 @@ def swap(model: torch.nn.Module, products: dict[str, Callable[[torch.Tensor], to
 
 def use_decode_kernels(model: torch.nn.Module, gptq_folder: Path | None = None) -> int:
     """Swap the layers the kernels take (the GPTQ folder's int4 layers, every bf16 nn.Linear) for DecodeLinear;
-    returns how many. Nothing changes where the kernels cannot run (no AVX512-BF16, QUANTKIT_NATIVE=0)."""
-    if not native.available():
+    returns how many. Nothing changes where the kernels cannot run (a model not on the CPU, no AVX512-BF16,
+    QUANTKIT_NATIVE=0)."""
+    if not native.available() or next(model.parameters()).device.type != "cpu":
         return 0
     products = {name: product for name, module in model.named_modules()
                 if isinstance(module, torch.nn.Linear) and (product := bf16_product(module)) is not None}
