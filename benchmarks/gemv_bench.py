@@ -55,7 +55,7 @@ def measure(folder: Path, rounds: int) -> dict:
     result = {"model": str(folder), "int4_layers": len(int4), "parts": {}}
     for part, (layers, library) in parts.items():
         calls = {"library": [lambda m=m: m.layer(one_row[id(m)]) for m in layers],
-                 "quantkit": [lambda m=m: m.product(one_row[id(m)]) for m in layers]}
+                 "quantkit": [lambda m=m: m(one_row[id(m)]) for m in layers]}
         nbytes = sum(weight_bytes(m.layer) for m in layers)
         figures = {name: {"median_ms": 1e3 * statistics.median(s), "best_ms": 1e3 * min(s),
                           "gb_s": nbytes / statistics.median(s) / 1e9} for name, s in passes(calls, rounds).items()}

@@ -1,10 +1,11 @@
-"""Where a GPTQ backend decode step's time goes on CPU (torch.profiler): the int4 kernel, attention, the rest of
-the model, and per-step host work in the runner and transformers.
+"""Where a GPTQ backend decode step's time goes on CPU (torch.profiler): quantkit's layer kernel or the int4 linears,
+attention and MLP of transformers' modules, the LM head, and per-step host work in the runner and transformers.
 
 Each module class gets a profiler range (forward hooks); a share is the range's inclusive CPU time over the decode
-wall time: int4 linears (gptqmodel's TorchAtenLinear, or its AVX512-BF16 subclass where the CPU has it), the bf16 LM
-head, attention (fp32 scores and softmax, the KV cache concatenation) without its linears, the MLP's GELU, and what is
-left: layer norms, rotary, mask building in transformers, and the runner's per-step work (sampling, host sync).
+wall time: whole layers on quantkit's layer.c (DecodeLayer, where it runs: then nothing inside a layer is split
+out), int4 linears (quantkit's one-row product, or gptqmodel's TorchAtenLinear / its AVX512-BF16 subclass), the bf16
+LM head, attention without its linears, the MLP's GELU, and what is left: embedding, final norm, masks and rotary
+tables in transformers, and the runner's per-step work (sampling, host sync).
 
     python -m benchmarks.profile_gptq_decode GPTQ_FOLDER [--batch 1] [--new-tokens 32] [--threads 2]
 """
@@ -18,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
 
+from quantkit import native
 from quantkit.backends.gptq import open_gptq
 from quantkit.bench import filler_prompt
 from quantkit.chat import Sampler
@@ -27,7 +29,8 @@ from quantkit.runner import generate
 
 
 def add_ranges(model: torch.nn.Module) -> None:
-    """Profiler ranges around the int4 linears (by block part), attention, MLP, LM head and the whole forward."""
+    """Profiler ranges around quantkit's layer kernel, the int4 linears (by block part), attention, MLP, LM head and
+    the whole forward."""
     def wrap(module: torch.nn.Module, label: str) -> None:
         ranges: list = []
         module.register_forward_pre_hook(lambda *_: ranges.append(record_function(label).__enter__()))
@@ -40,18 +43,27 @@ def add_ranges(model: torch.nn.Module) -> None:
             wrap(module, "int4 linear (attention)" if ".attention." in name else "int4 linear (mlp)")
         elif kind in ("GPTNeoXAttention", "GPTNeoXMLP"):
             wrap(module, kind.removeprefix("GPTNeoX").lower())
+    run_layer = native.decode_layer  # DecodeLayer's one-row steps (its other inputs run the modules above)
+
+    def ranged_layer(*args):
+        with record_function("layer kernel"):
+            return run_layer(*args)
+
+    native.decode_layer = ranged_layer
     wrap(model.get_output_embeddings(), "lm head")
     wrap(model, "model forward")
 
 
 def breakdown(totals: dict[str, float], decode_s: float) -> dict[str, float]:
     """Seconds per part of the decode steps; the parts add up to the decode wall time."""
-    linear_attention, linear_mlp = totals["int4 linear (attention)"], totals["int4 linear (mlp)"]
+    layer_kernel = totals.get("layer kernel", 0.0)
+    linear_attention, linear_mlp = (totals.get(f"int4 linear ({part})", 0.0) for part in ("attention", "mlp"))
     parts = {
-        "int4 kernel (all linears)": linear_attention + linear_mlp,
+        "quantkit layer kernel (whole layers)": layer_kernel,
+        "int4 linears outside it": linear_attention + linear_mlp,
         "lm head (bf16 mm)": totals["lm head"],
-        "attention without its linears": totals["attention"] - linear_attention,
-        "mlp without its linears (GELU)": totals["mlp"] - linear_mlp,
+        "attention without its linears": totals.get("attention", 0.0) - linear_attention,
+        "mlp without its linears (GELU)": totals.get("mlp", 0.0) - linear_mlp,
     }
     parts["rest of the forward (norms, rotary, masks, module calls)"] = totals["model forward"] - sum(parts.values())
     parts["runner per-step work outside the forward"] = decode_s - totals["model forward"]

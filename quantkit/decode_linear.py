@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -18,29 +17,34 @@ from quantkit import native
 
 
 class DecodeLinear(torch.nn.Module):
-    """`layer` for every input but one bf16 row, which goes to `product` (same weights, fp32 sums)."""
+    """`layer` for every input but one bf16 row, which goes to quantkit's product with the same weights: `weight`
+    (contiguous bf16 [N, K], or the layer's int4 codes as a PackedInt4) and `bias` (fp32 or None); fp32 sums."""
 
-    def __init__(self, layer: torch.nn.Module, product: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, layer: torch.nn.Module, weight: torch.Tensor | native.PackedInt4,
+                 bias: torch.Tensor | None) -> None:
         super().__init__()
         self.layer = layer
-        self.product = product
+        self.weight = weight
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native.one_row(x) and not torch.compiler.is_compiling():
-            return self.product(x)
-        return self.layer(x)
+        if not native.one_row(x) or torch.compiler.is_compiling():
+            return self.layer(x)
+        if isinstance(self.weight, native.PackedInt4):
+            return native.int4_linear(x, self.weight, self.bias)
+        return native.bf16_linear(x, self.weight, self.bias)
 
 
 def fp32_bias(layer: torch.nn.Module) -> torch.Tensor | None:
     return None if layer.bias is None else layer.bias.detach().float().contiguous()
 
 
-def bf16_product(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def bf16_weight(linear: torch.nn.Linear) -> torch.Tensor | None:
+    """The weight the bf16 product takes (bf16 on the CPU, K % 32 == 0), else None."""
     weight = linear.weight.detach()
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.shape[1] % 32:
         return None
-    weight, bias = weight.contiguous(), fp32_bias(linear)
-    return lambda x: native.bf16_linear(x, weight, bias)
+    return weight.contiguous()
 
 
 def gptq_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -55,21 +59,19 @@ def gptq_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return layers
 
 
-def swap(model: torch.nn.Module, products: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
-    for name, product in products.items():
+def swap(model: torch.nn.Module, weights: dict[str, torch.Tensor | native.PackedInt4]) -> None:
+    for name, weight in weights.items():
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, DecodeLinear(getattr(owner, child), product))
+        layer = getattr(owner, child)
+        setattr(owner, child, DecodeLinear(layer, weight, fp32_bias(layer)))
 
 
-def use_decode_kernels(model: torch.nn.Module, gptq_folder: Path | None = None) -> int:
-    """Swap the layers the kernels take (the GPTQ folder's int4 layers, every bf16 nn.Linear) for DecodeLinear;
-    returns how many. Nothing changes where the kernels cannot run (a model not on the CPU, no AVX512-BF16,
-    QUANTKIT_NATIVE=0)."""
-    if not native.available() or next(model.parameters()).device.type != "cpu":
-        return 0
-    products = {name: product for name, module in model.named_modules()
-                if isinstance(module, torch.nn.Linear) and (product := bf16_product(module)) is not None}
+def use_decode_linears(model: torch.nn.Module, gptq_folder: Path | None = None) -> int:
+    """Swap the layers the products take (the GPTQ folder's int4 layers, every bf16 nn.Linear) for DecodeLinear;
+    returns how many."""
+    weights = {name: weight for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and (weight := bf16_weight(module)) is not None}
     if gptq_folder is not None:
         quantization = json.loads((gptq_folder / "config.json").read_text())["quantization_config"]
         if quantization["bits"] == 4 and not quantization.get("desc_act"):
@@ -79,8 +81,7 @@ def use_decode_kernels(model: torch.nn.Module, gptq_folder: Path | None = None) 
                 if layer is None or not native.packable(layer.in_features, layer.out_features,
                                                         quantization["group_size"]):
                     continue
-                weight = native.pack_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"],
-                                          quantization["group_size"])
-                products[name] = lambda x, w=weight, b=fp32_bias(layer): native.int4_linear(x, w, b)
-    swap(model, products)
-    return len(products)
+                weights[name] = native.pack_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"],
+                                                 quantization["group_size"])
+    swap(model, weights)
+    return len(weights)

@@ -26,15 +26,22 @@ class PreallocatedLayer(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        start = self.extend(key_states, value_states)
+        end = start + key_states.shape[-2]
+        self.key_buffer[..., start:end, :] = key_states
+        self.value_buffer[..., start:end, :] = value_states
+        return self.keys, self.values
+
+    def extend(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
+        """Make room for as many tokens as `key_states` holds (growing the buffers if full) and view them as
+        filled; returns where they go, for the caller to write them there."""
         start = self.get_seq_length()
         end = start + key_states.shape[-2]
         if self.key_buffer is None or end > self.key_buffer.shape[-2]:
             self.key_buffer = grown(self.key_buffer, key_states, start, end)
             self.value_buffer = grown(self.value_buffer, value_states, start, end)
-        self.key_buffer[..., start:end, :] = key_states
-        self.value_buffer[..., start:end, :] = value_states
         self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
-        return self.keys, self.values
+        return start
 
 
 def grown(buffer: torch.Tensor | None, states: torch.Tensor, filled: int, needed: int) -> torch.Tensor:

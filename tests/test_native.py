@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from quantkit import native
-from quantkit.decode_linear import DecodeLinear, use_decode_kernels
+from quantkit.decode_kernels import use_decode_kernels
+from quantkit.decode_linear import DecodeLinear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="needs x86-64 Linux with AVX512-BF16 and a C compiler")
 
@@ -72,11 +73,12 @@ def test_decode_linear_takes_one_row_and_leaves_the_rest_to_the_layer():
     model = torch.nn.Sequential(linear, torch.nn.Linear(64, 8).float())  # the fp32 layer is not taken
     assert use_decode_kernels(model) == 1 and isinstance(model[0], DecodeLinear) and model[1].weight.dtype == torch.float32
     calls = []
-    product = model[0].product
-    model[0].product = lambda x: calls.append(x.shape) or product(x)
+    product = native.bf16_linear
     one, many = torch.randn(1, 1, 64).bfloat16(), torch.randn(2, 3, 64).bfloat16()
-    assert torch.equal(model[0](many), linear(many)) and calls == []  # the layer's own kernel
-    assert_rounded_product(model[0](one)[0], one[0], linear.weight.double(), linear.bias.float())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "bf16_linear", lambda x, *rest: calls.append(x.shape) or product(x, *rest))
+        assert torch.equal(model[0](many), linear(many)) and calls == []  # the layer's own kernel
+        assert_rounded_product(model[0](one)[0], one[0], linear.weight.double(), linear.bias.float())
     assert calls == [(1, 1, 64)]
 
 
@@ -90,3 +92,85 @@ def test_turned_off_by_the_environment(monkeypatch):
         monkeypatch.undo()
         native.library.cache_clear()
     assert native.available()
+
+
+def test_a_compiler_that_fails_leaves_the_library_kernels(monkeypatch, tmp_path):
+    """A kernel build that fails (here a compiler that always does) warns in one line and turns the kernels off."""
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    native.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="did not compile"):
+            assert not native.available()
+        assert not list((tmp_path / "native").iterdir())  # nothing half-written left in the cache
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+    assert native.available()
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX's rotary embedding (rotate-half form over the first len(cos) dims) in fp64, written out here."""
+    r, half = len(cos), len(cos) // 2
+    x = x.double()
+    turned = torch.cat([-x[..., half:r], x[..., :half]], dim=-1)
+    return torch.cat([x[..., :r] * cos.double() + turned * sin.double(), x[..., r:]], dim=-1)
+
+
+@pytest.mark.parametrize("heads, head_dim, position", [(16, 64, 37), (4, 128, 0), (8, 64, 300)])
+def test_decode_attention_is_fp32_attention_over_the_cache(heads, head_dim, position):
+    """The new k and v land at `position` (k rotated, rounded to bf16), masked keys get no weight, and the output is
+    the fp64 attention of the bf16 q, k and v rounded to bf16: half an ulp plus the fp32 sums' rounding."""
+    generator = torch.Generator().manual_seed(heads + position)
+    rotary, capacity = head_dim // 4, position + 20
+    qkv = torch.randn(heads, 3, head_dim, generator=generator).bfloat16()
+    keys = torch.randn(1, heads, capacity, head_dim, generator=generator).bfloat16()
+    values = torch.randn(1, heads, capacity, head_dim, generator=generator).bfloat16()
+    angles = (position / 10000 ** (torch.arange(rotary // 2) * 2 / rotary)).repeat(2)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()  # as transformers hands them to a bf16 model
+    mask = torch.zeros(position + 1, dtype=torch.bfloat16)
+    mask[::3][:-1] = torch.finfo(torch.bfloat16).min  # every third key masked, the new one kept
+    out = native.decode_attention(qkv.flatten(), cos, sin, keys, values, position, mask, head_dim**-0.5)
+
+    query = rotated(qkv[:, 0], cos, sin).bfloat16().double()
+    assert torch.equal(keys[0, :, position], rotated(qkv[:, 1], cos, sin).bfloat16())
+    assert torch.equal(values[0, :, position], qkv[:, 2])
+    k, v = keys[0, :, : position + 1].double(), values[0, :, : position + 1].double()
+    weights = ((torch.einsum("hd,htd->ht", query, k) * head_dim**-0.5) + mask.double()).softmax(-1)
+    exact = torch.einsum("ht,htd->hd", weights, v)
+    magnitude = torch.einsum("ht,htd->hd", weights, v.abs())
+    error = (out.view(heads, head_dim).double() - exact).abs()
+    assert (error <= 2**-8 * exact.abs() + 2**-16 * magnitude).all(), error.max()
+    assert position == 0 or weights[:, ::3][:, :-1].max() == 0
+
+
+def test_decode_layer_runs_the_one_row_steps_of_every_layer():
+    """In a bf16 GPT-NeoX model layer.c runs every layer's one-row decode steps (prefill stays with transformers), and
+    teacher-forced decode logits stay as close to the fp32 model's as transformers' own bf16 layers keep them."""
+    from quantkit.backends import open_backend
+    from quantkit.decode_layer import DecodeLayer
+
+    fused, plain, exact = (open_backend("tiny", dtype=dtype, device="cpu", native_kernels=kernels)
+                           for dtype, kernels in (("bf16", True), ("bf16", False), ("fp32", False)))
+    layers = fused.model.gpt_neox.layers
+    assert all(isinstance(layer, DecodeLayer) for layer in layers) and len(layers) == fused.model.config.num_hidden_layers
+    calls = []
+    run_layer = native.decode_layer
+    ids = torch.randint(10, 7000, (1, 72), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, backend in (("fused", fused), ("plain", plain), ("exact", exact)):
+        steps = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(native, "decode_layer", lambda *a: calls.append(a[6]) or run_layer(*a))
+            _, cache = backend.forward(ids[:, :40], torch.arange(40)[None], torch.ones(1, 40, dtype=torch.long),
+                                       backend.new_cache(1))
+            for t in range(40, 72):
+                step, cache = backend.forward(ids[:, t:t + 1], torch.tensor([[t]]),
+                                              torch.ones(1, t + 1, dtype=torch.long), cache)
+                steps.append(step[:, -1])
+        logits[name] = torch.stack(steps)
+        if name == "fused":
+            assert calls == [t for t in range(40, 72) for _ in layers]
+    fused_error = (logits["fused"] - logits["exact"]).abs().mean()
+    plain_error = (logits["plain"] - logits["exact"]).abs().mean()
+    assert fused_error <= 1.25 * plain_error, (fused_error, plain_error)

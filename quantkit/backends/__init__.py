@@ -8,7 +8,7 @@ import torch
 
 from quantkit.backends.base import Backend
 from quantkit.backends.pytorch import TorchBackend
-from quantkit.decode_linear import use_decode_kernels
+from quantkit.decode_kernels import use_decode_kernels
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, GPTQConfig
 
 from quantkit.attention import ATTN_IMPLEMENTATION  # importing it registers the "fp32" attention
 from quantkit.backends.pytorch import TorchBackend
-from quantkit.decode_linear import use_decode_kernels
+from quantkit.decode_kernels import use_decode_kernels
 from quantkit.errors import QuantkitError
 from quantkit.sources import default_device, first_line, load_tokenizer
 

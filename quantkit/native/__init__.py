@@ -1,4 +1,5 @@
-"""quantkit's own CPU kernels for a batch-1 decode step (gemv.c: bf16 and GPTQ int4 products of one row).
+"""quantkit's own CPU kernels for a batch-1 decode step: gemv.c (bf16 and GPTQ int4 products of one row),
+attention.c (GPT-NeoX attention of one row over the KV cache) and layer.c (a whole GPT-NeoX layer of one row on them).
 
 Compiled on first use with the system C compiler into the cache folder (about a second), only where the CPU
 has AVX512-BF16; elsewhere `available()` is False and the backends keep torch's and gptqmodel's kernels.
@@ -14,14 +15,16 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from quantkit.paths import cache_dir
+from quantkit.paths import atomic_write, cache_dir
 
-SOURCE = Path(__file__).with_name("gemv.c")
+FOLDER = Path(__file__).parent
+SOURCES = tuple(FOLDER / name for name in ("gemv.c", "attention.c", "layer.c"))
+HEADERS = (FOLDER / "bf16.h",)
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
 CPU_FLAGS_NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 MAX_GROUPS = 512  # gemv.c's limit on K / group
@@ -50,19 +53,28 @@ def library() -> ctypes.CDLL | None:
     if (os.environ.get("QUANTKIT_NATIVE", "1") == "0" or platform.machine() != "x86_64" or compiler is None
             or not CPU_FLAGS_NEEDED <= cpu_flags()):
         return None
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / "native" / f"gemv-{digest}.so"
+    sources = b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(sources + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / "native" / f"kernels-{digest}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True)
-            os.replace(built, target)  # atomic: a concurrent first use loads a complete file
+        build = lambda out: subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"],
+                                           check=True, capture_output=True, text=True)
+        try:
+            atomic_write(target, build)  # a concurrent first use loads a complete file
+        except subprocess.CalledProcessError as exc:
+            reason = next(iter(exc.stderr.strip().splitlines()), f"exit status {exc.returncode}")
+            warnings.warn(f"quantkit's CPU kernels did not compile ({compiler}: {reason}); using the libraries' "
+                          "kernels", stacklevel=2)
+            return None
     lib = ctypes.CDLL(str(target))
-    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    pointer, integer, real = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.qk_bf16_gemv.argtypes = [pointer, pointer, integer, integer, pointer, pointer]
     lib.qk_int4_gemv.argtypes = [pointer, pointer, pointer, pointer, integer, integer, integer, pointer, pointer]
+    lib.qk_decode_attention.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer, pointer, integer,
+                                        integer, pointer, real, pointer]
+    lib.qk_decode_layer.argtypes = [ctypes.POINTER(Layer), pointer, pointer, pointer, pointer, pointer, integer, integer,
+                                    pointer]
     return lib
 
 
@@ -134,4 +146,57 @@ def int4_linear(x: torch.Tensor, weight: PackedInt4, bias: torch.Tensor | None) 
     out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
     library().qk_int4_gemv(x.data_ptr(), weight.codes.data_ptr(), weight.scales.data_ptr(),
                            weight.zeros.data_ptr(), n, k, weight.group, _address(bias), out.data_ptr())
+    return out
+
+
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, position: int, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """One row's GPT-NeoX attention, all bf16: qkv [heads * 3 * head_dim] (per head q, k, v); cos, sin [rotary dims];
+    keys, values the layer's [1, heads, capacity, head_dim] cache buffers, into which the rotated k and v are written
+    at `position`; mask [position + 1] additive (contiguous) or None. Returns [heads * head_dim]."""
+    _, heads, capacity, head_dim = keys.shape
+    out = torch.empty(heads * head_dim, dtype=torch.bfloat16)
+    library().qk_decode_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), heads, head_dim, cos.numel(),
+                                  keys.data_ptr(), values.data_ptr(), capacity, position, _address(mask), scaling,
+                                  out.data_ptr())
+    return out
+
+
+def attention_fits(head_dim: int, rotary_dims: int) -> bool:
+    """Whether attention.c takes heads of this size (a multiple of 32, at most 256) and this rotary width."""
+    return head_dim % 32 == 0 and head_dim <= 256 and rotary_dims % 2 == 0 and rotary_dims <= head_dim
+
+
+class Linear(ctypes.Structure):
+    """layer.c's qk_linear: a bf16 weight [N, K] (scales NULL) or a PackedInt4, with an fp32 bias or NULL."""
+    _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("out_features", ctypes.c_int), ("in_features", ctypes.c_int),
+                ("group", ctypes.c_int)]
+
+
+class Layer(ctypes.Structure):
+    """layer.c's qk_layer: a GPT-NeoX layer's four linears, fp32 layer-norm parameters and sizes."""
+    _fields_ = [("qkv", Linear), ("dense", Linear), ("fc1", Linear), ("fc2", Linear),
+                ("ln1_weight", ctypes.c_void_p), ("ln1_bias", ctypes.c_void_p), ("ln2_weight", ctypes.c_void_p),
+                ("ln2_bias", ctypes.c_void_p), ("hidden", ctypes.c_int), ("heads", ctypes.c_int),
+                ("head_dim", ctypes.c_int), ("rotary", ctypes.c_int), ("eps", ctypes.c_float),
+                ("scaling", ctypes.c_float)]
+
+
+def linear_struct(weight: torch.Tensor | PackedInt4, bias: torch.Tensor | None) -> Linear:
+    """The qk_linear of a weight the products take (the tensors must outlive it)."""
+    n, k = weight.shape
+    if isinstance(weight, PackedInt4):
+        return Linear(weight.codes.data_ptr(), weight.scales.data_ptr(), weight.zeros.data_ptr(), _address(bias),
+                      n, k, weight.group)
+    return Linear(weight.data_ptr(), None, None, _address(bias), n, k, 0)
+
+
+def decode_layer(layer: Layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, position: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """One GPT-NeoX layer (parallel residual) for one bf16 row: returns its output; the rotated k and v of the row
+    are written into the cache buffers at `position` (cos, sin, keys, values and mask as in decode_attention)."""
+    out = hidden.contiguous().clone()
+    library().qk_decode_layer(ctypes.byref(layer), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+                              values.data_ptr(), keys.shape[2], position, _address(mask))
     return out

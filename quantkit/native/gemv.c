@@ -20,16 +20,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define ROWS 4          /* weight rows in flight per thread; the next ROWS rows are prefetched meanwhile */
 #define MAX_GROUPS 512  /* K / group */
-
-static inline uint16_t round_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 static inline __m512bh load_bf16(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
 
@@ -46,7 +40,7 @@ static inline __attribute__((always_inline)) void bf16_rows(
         }
     }
     for (int r = 0; r < R; r++)
-        y[n0 + r] = round_to_bf16(_mm512_reduce_add_ps(acc[r]) + (bias ? bias[n0 + r] : 0.0f));
+        y[n0 + r] = to_bf16(_mm512_reduce_add_ps(acc[r]) + (bias ? bias[n0 + r] : 0.0f));
 }
 
 /* y[N] = w[N,K] x[K] (+ bias[N]); K a multiple of 32. */
@@ -97,7 +91,7 @@ static inline __attribute__((always_inline)) void int4_rows(
         }
     }
     for (int r = 0; r < R; r++)
-        y[n0 + r] = round_to_bf16(_mm512_reduce_add_ps(total[r]) - offset[r] + (bias ? bias[n0 + r] : 0.0f));
+        y[n0 + r] = to_bf16(_mm512_reduce_add_ps(total[r]) - offset[r] + (bias ? bias[n0 + r] : 0.0f));
 }
 
 /* y[N] = dequant(q)[N,K] x[K] (+ bias[N]); N a multiple of ROWS (GPTQ packs zeros eight columns to a word), K a
@@ -108,10 +102,7 @@ void qk_int4_gemv(const uint16_t *x, const uint8_t *q, const float *scales, cons
     float xsum[MAX_GROUPS];
     for (int g = 0; g < G; g++) {
         __m512 sum = _mm512_setzero_ps();
-        for (int k = g * group; k < (g + 1) * group; k += 16) {
-            const __m256i halves = _mm256_loadu_si256((const __m256i *)(x + k));  /* bf16 -> fp32: shift left 16 */
-            sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16)));
-        }
+        for (int k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen(x + k));
         xsum[g] = _mm512_reduce_add_ps(sum);
     }
 #pragma omp parallel for schedule(static)

@@ -1,0 +1,78 @@
+"""Batch-1 decode layers on quantkit's CPU kernels (quantkit.native): a whole GPT-NeoX layer per kernel call.
+
+At one row a GPT-NeoX layer's products are only part of its cost: transformers' module spends about as much again on
+small torch ops (layer norms, rotary slices and concatenations, cache copies, the attention call, GELU, residual
+adds) and the Python between them. `DecodeLayer` sends that row through layer.c once, over the same weights as the
+layer's DecodeLinear products and the same PreallocatedLayer cache; every other input (prefill, batch > 1) runs the
+layer as it is.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
+
+from quantkit import native
+from quantkit.decode_linear import DecodeLinear
+from quantkit.kv_cache import PreallocatedLayer
+
+
+class DecodeLayer(torch.nn.Module):
+    """`layer` (a GPTNeoXLayer whose four linears are DecodeLinear) with its one-row decode steps on layer.c."""
+
+    def __init__(self, layer: GPTNeoXLayer, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.layer = layer
+        attention, mlp = layer.attention, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.norm_parameters = [p.detach().float().contiguous() for norm in norms for p in (norm.weight, norm.bias)]
+        linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+        self.struct = native.Layer(
+            *(native.linear_struct(linear.weight, linear.bias) for linear in linears),
+            *(p.data_ptr() for p in self.norm_parameters),
+            config.hidden_size, config.num_attention_heads, attention.head_size, attention.rotary_ndims,
+            norms[0].eps, attention.scaling,
+        )
+        self.linears = linears  # the weights the struct points to stay alive with it
+        self.new_tokens = torch.empty(1, config.num_attention_heads, 1, attention.head_size, dtype=torch.bfloat16)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                layer_past: Cache | None = None, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                **kwargs) -> torch.Tensor:
+        cache = layer_past.layers[self.layer.attention.layer_idx] if layer_past is not None else None
+        if (not native.one_row(hidden_states) or not isinstance(cache, PreallocatedLayer) or self.layer.training
+                or getattr(cache, "key_buffer", None) is None or torch.compiler.is_compiling()):
+            return self.layer(hidden_states, attention_mask=attention_mask, layer_past=layer_past,
+                              position_embeddings=position_embeddings, **kwargs)
+        position = cache.extend(self.new_tokens, self.new_tokens)
+        cos, sin = (part.to(torch.bfloat16).contiguous() for part in position_embeddings)  # as they come: no copy
+        if attention_mask is not None:
+            attention_mask = attention_mask[0, 0, -1, : position + 1].to(torch.bfloat16).contiguous()
+        return native.decode_layer(self.struct, hidden_states, cos, sin, cache.key_buffer, cache.value_buffer,
+                                   position, attention_mask)
+
+
+def fits(layer: torch.nn.Module, config: PretrainedConfig) -> bool:
+    """Whether layer.c runs this layer: GPT-NeoX with parallel residual, exact GELU, heads attention.c takes, equal
+    layer-norm eps, and its four linears on quantkit's products."""
+    if not isinstance(layer, GPTNeoXLayer) or not layer.use_parallel_residual or config.hidden_act != "gelu":
+        return False
+    attention, mlp = layer.attention, layer.mlp
+    linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+    return (all(isinstance(linear, DecodeLinear) for linear in linears)
+            and native.attention_fits(attention.head_size, attention.rotary_ndims)
+            and layer.input_layernorm.eps == layer.post_attention_layernorm.eps)
+
+
+def use_decode_layers(model: torch.nn.Module) -> int:
+    """Wrap every GPT-NeoX layer of `model` that layer.c runs in DecodeLayer; returns how many."""
+    layers = getattr(getattr(model, "gpt_neox", None), "layers", None)
+    if layers is None:
+        return 0
+    count = 0
+    for index, layer in enumerate(layers):
+        if fits(layer, model.config):
+            layers[index] = DecodeLayer(layer, model.config)
+            count += 1
+    return count
