@@ -155,18 +155,21 @@ def test_logits_match_independent_dequantizer(gptq_folder, heldout_tokens):
     check_logits(gptq_folder, heldout_tokens)
 
 
-def test_one_row_decode_steps_match_independent_dequantizer(gptq_folder, heldout_tokens):
-    """Batch-1 decode steps (one row: quantkit's CPU kernels where they run) within the same bounds."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_steps_match_independent_dequantizer(gptq_folder, heldout_tokens, batch):
+    """Decode steps within the same bounds: at batch 1 on quantkit's one-row layer kernel, at batch 2 on its AMX
+    int4 product (where each runs)."""
     backend = open_gptq(gptq_folder, "cpu")
     assert any(isinstance(m, DecodeLinear) for m in backend.model.modules()) == native.available()
-    ids, prompt = heldout_tokens[:1, :64], 48
-    cache = backend.new_cache(1)
-    _, cache = backend.forward(ids[:, :prompt], torch.arange(prompt)[None], torch.ones(1, prompt, dtype=torch.long),
+    ids, prompt = heldout_tokens[:batch, :64], 48
+    cache = backend.new_cache(batch)
+    positions = lambda start, end: torch.arange(start, end).expand(batch, -1)
+    _, cache = backend.forward(ids[:, :prompt], positions(0, prompt), torch.ones(batch, prompt, dtype=torch.long),
                                cache)
     steps = []
     for position in range(prompt, ids.shape[1]):
-        logits, cache = backend.forward(ids[:, position:position + 1], torch.tensor([[position]]),
-                                        torch.ones(1, position + 1, dtype=torch.long), cache)
+        logits, cache = backend.forward(ids[:, position:position + 1], positions(position, position + 1),
+                                        torch.ones(batch, position + 1, dtype=torch.long), cache)
         steps.append(logits[:, -1])
     got = torch.stack(steps, dim=1)
     with torch.no_grad():

@@ -60,6 +60,33 @@ def test_int4_reads_the_zero_point_plus_one():
     assert ((out.double() - x.double() @ shifted.t()).abs() > 0.05).all()
 
 
+
+@pytest.mark.skipif(not native.amx_available(), reason="needs AMX-BF16 (and the OS's grant of tile state)")
+@pytest.mark.parametrize("n, k, group, rows", [(3072, 1024, 128, 8), (512, 384, 32, 2), (1024, 1024, -1, 16),
+                                               (4096, 4096, 256, 5)])
+def test_int4_tile_product_of_a_few_rows_is_the_rounded_dequantized_product(n, k, group, rows):
+    qweight, qzeros, scales = random_gptq(n, k, group, seed=n + rows)
+    x = torch.randn(rows, 1, k, generator=torch.Generator().manual_seed(2)).bfloat16()
+    bias = torch.randn(n).float()
+    weight = native.pack_gptq(qweight, qzeros, scales, group)
+    assert native.takes_int4(x, weight)
+    out = native.int4_linear(x, weight, bias)
+    assert_rounded_product(out[:, 0], x[:, 0], dequantized(qweight, qzeros, scales), bias)
+
+
+def test_int4_decode_linear_takes_a_small_batch_and_leaves_prefill_to_the_layer():
+    qweight, qzeros, scales = random_gptq(256, 256, 128, seed=5)
+    weight = native.pack_gptq(qweight, qzeros, scales, 128)
+    layer_calls = []
+    linear = DecodeLinear(lambda x: layer_calls.append(x.shape) or x, weight, None)
+    exact = dequantized(qweight, qzeros, scales)
+    small, prefill = torch.randn(8, 1, 256).bfloat16(), torch.randn(1, 17, 256).bfloat16()
+    assert linear(prefill) is prefill and layer_calls == [(1, 17, 256)]
+    if native.amx_available():
+        assert_rounded_product(linear(small)[:, 0], small[:, 0], exact, torch.zeros(256))
+        assert layer_calls == [(1, 17, 256)]
+    assert_rounded_product(linear(small[:1])[0], small[0], exact, torch.zeros(256))  # one row: gemv.c
+
 @pytest.mark.parametrize("n, k", [(50688, 1024), (4096 + 3, 4096), (7, 32)])
 def test_bf16_product_is_the_rounded_product(n, k):
     generator = torch.Generator().manual_seed(n)

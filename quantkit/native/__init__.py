@@ -1,5 +1,6 @@
-"""quantkit's own CPU kernels for a batch-1 decode step: gemv.c (bf16 and GPTQ int4 products of one row),
-attention.c (GPT-NeoX attention of one row over the KV cache) and layer.c (a whole GPT-NeoX layer of one row on them).
+"""quantkit's own CPU kernels for decode steps: gemv.c (bf16 and GPTQ int4 products of one row), attention.c (GPT-NeoX
+attention of one row over the KV cache), layer.c (a whole GPT-NeoX layer of one row on them) and amx.c (GPTQ int4
+products of 2-16 rows, a small decode batch, on AMX tiles where the CPU has AMX-BF16).
 
 Compiled on first use with the system C compiler into the cache folder (about a second), only where the CPU
 has AVX512-BF16; elsewhere `available()` is False and the backends keep torch's and gptqmodel's kernels.
@@ -23,10 +24,13 @@ import torch
 from quantkit.paths import atomic_write, cache_dir
 
 FOLDER = Path(__file__).parent
-SOURCES = tuple(FOLDER / name for name in ("gemv.c", "attention.c", "layer.c"))
-HEADERS = (FOLDER / "bf16.h",)
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+SOURCES = tuple(FOLDER / name for name in ("gemv.c", "attention.c", "layer.c", "amx.c"))
+HEADERS = (FOLDER / "bf16.h", FOLDER / "int4.h")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16", "-fopenmp",
+         "-shared", "-fPIC")
 CPU_FLAGS_NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+AMX_FLAGS = {"amx_tile", "amx_bf16"}
+MAX_TILE_ROWS = 16  # rows of x amx.c takes
 MAX_GROUPS = 512  # gemv.c's limit on K / group
 # The input (within a 128-input unit) whose code sits in the low nibble of each of the unit's 64 bytes (gemv.c's
 # layout: byte 16*L + i holds 8*L + i for i < 8, 32 + 8*L + i - 8 for i >= 8; the high nibble holds that + 64).
@@ -73,9 +77,17 @@ def library() -> ctypes.CDLL | None:
     lib.qk_int4_gemv.argtypes = [pointer, pointer, pointer, pointer, integer, integer, integer, pointer, pointer]
     lib.qk_decode_attention.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer, pointer, integer,
                                         integer, pointer, real, pointer]
+    lib.qk_int4_gemm_amx.argtypes = [pointer, integer, pointer, pointer, pointer, integer, integer, integer, pointer,
+                                     pointer]
     lib.qk_decode_layer.argtypes = [ctypes.POINTER(Layer), pointer, pointer, pointer, pointer, pointer, integer, integer,
                                     pointer]
     return lib
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether amx.c runs here: the kernels load, the CPU has AMX-BF16 and the OS grants this process tile state."""
+    return available() and AMX_FLAGS <= cpu_flags() and library().qk_amx_enable() == 0
 
 
 def one_row(x: torch.Tensor) -> bool:
@@ -139,13 +151,26 @@ def packable(in_features: int, out_features: int, group: int) -> bool:
             and in_features // group <= MAX_GROUPS and out_features % 8 == 0)
 
 
+def takes_int4(x: torch.Tensor, weight: PackedInt4) -> bool:
+    """Whether `int4_linear` takes `x`: bf16 rows on the CPU, one (gemv.c) or, with AMX, up to MAX_TILE_ROWS."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return False
+    rows = x.numel() // x.shape[-1]
+    return rows == 1 or (rows <= MAX_TILE_ROWS and weight.shape[0] % 16 == 0 and amx_available())
+
+
 def int4_linear(x: torch.Tensor, weight: PackedInt4, bias: torch.Tensor | None) -> torch.Tensor:
-    """x[..., K] @ dequantized(weight)^T + bias (fp32 or None) for one bf16 row x."""
+    """x[..., K] @ dequantized(weight)^T + bias (fp32 or None) for bf16 rows x that `takes_int4` accepts."""
     x = x.contiguous()
     n, k = weight.shape
+    rows = x.numel() // k
     out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    library().qk_int4_gemv(x.data_ptr(), weight.codes.data_ptr(), weight.scales.data_ptr(),
-                           weight.zeros.data_ptr(), n, k, weight.group, _address(bias), out.data_ptr())
+    if rows == 1:
+        library().qk_int4_gemv(x.data_ptr(), weight.codes.data_ptr(), weight.scales.data_ptr(),
+                               weight.zeros.data_ptr(), n, k, weight.group, _address(bias), out.data_ptr())
+    else:
+        library().qk_int4_gemm_amx(x.data_ptr(), rows, weight.codes.data_ptr(), weight.scales.data_ptr(),
+                                   weight.zeros.data_ptr(), n, k, weight.group, _address(bias), out.data_ptr())
     return out
 
 

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "int4.h"
 
 #define ROWS 4          /* weight rows in flight per thread; the next ROWS rows are prefetched meanwhile */
 #define MAX_GROUPS 512  /* K / group */
@@ -49,17 +50,6 @@ void qk_bf16_gemv(const uint16_t *x, const uint16_t *w, int N, int K, const floa
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) bf16_rows(x, w, ROWS, b * ROWS, K, bias, y);
     for (int n = blocks * ROWS; n < N; n++) bf16_rows(x, w, 1, n, K, bias, y);
-}
-
-/* The four bf16 vectors (inputs 0-31, 32-63, 64-95, 96-127) of one 128-input unit of int4 codes. */
-static inline __attribute__((always_inline)) void int4_unit(const uint8_t *unit, __m512bh out[4]) {
-    const __m512i bytes = _mm512_loadu_si512((const void *)unit), nibble = _mm512_set1_epi8(0x0f);
-    const __m512i exponent = _mm512_set1_epi8(0x43);
-    const __m512i low = _mm512_and_si512(bytes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
-    out[0] = (__m512bh)_mm512_unpacklo_epi8(low, exponent);
-    out[1] = (__m512bh)_mm512_unpackhi_epi8(low, exponent);
-    out[2] = (__m512bh)_mm512_unpacklo_epi8(high, exponent);
-    out[3] = (__m512bh)_mm512_unpackhi_epi8(high, exponent);
 }
 
 static inline __attribute__((always_inline)) void int4_rows(

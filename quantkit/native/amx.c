@@ -1,0 +1,100 @@
+/* GPTQ int4 products of a few rows (a small decode batch) on AMX tiles, for CPUs with AMX-BF16.
+ *
+ * Why hand-written: from two rows up, one-row kernels repeat the weight work per row, and with AVX512 dot products
+ * the work is the limit: at eight rows gptqmodel's CPU kernel and a vdpbf16ps version of gemv.c both read 2.5-3.3
+ * GB/s of int4 codes. A tile product does a 16x16x32 block in one instruction, so widening the codes (as in gemv.c,
+ * exact integers 128 + code in bf16) becomes the cost again.
+ *
+ * Y^T = W X^T by blocks of 16 weight rows: A tiles are 16 rows x 32 inputs of widened codes, B tiles the x rows
+ * packed in pairs of inputs (16 rows of x, zero beyond M), C a 16x16 fp32 block summed over one group, then scaled
+ * and offset by the group's zero point in fp32: y[m,n] = sum_g scale * (C_g[n,m] - (128 + zero) * X_g[m]).
+ * Layouts as in gemv.c (qk_int4_gemv); N a multiple of 16, 1 <= M <= 16.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "bf16.h"
+#include "int4.h"
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define TILE 16
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Asks the kernel for AMX tile state (once per process); 0 when granted. */
+int qk_amx_enable(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
+
+static void configure(void) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 3; t++) config.colsb[t] = 64, config.rows[t] = TILE; /* C, A, B: 16 rows of 64 bytes */
+    _tile_loadconfig(&config);
+}
+
+void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *scales, const uint8_t *zeros, int N,
+                      int K, int group, const float *bias, uint16_t *y) {
+    const int G = K / group, steps_per_group = group / 32;
+    /* x^T in pairs: step s (inputs 32s..32s+31) is 16 rows (input pairs) of 16 x rows x 2 bf16 */
+    uint16_t *packed = aligned_alloc(64, (size_t)K * TILE * sizeof *packed);
+    float *xsum = aligned_alloc(64, (size_t)G * TILE * sizeof *xsum);
+    memset(packed, 0, (size_t)K * TILE * sizeof *packed);
+    memset(xsum, 0, (size_t)G * TILE * sizeof *xsum);
+    for (int m = 0; m < M; m++)
+        for (int k = 0; k < K; k++) {
+            packed[(size_t)(k / 32) * 512 + (k % 32 / 2) * 32 + m * 2 + k % 2] = x[(size_t)m * K + k];
+            xsum[(k / group) * TILE + m] += from_bf16(x[(size_t)m * K + k]);
+        }
+#pragma omp parallel
+    {
+        configure();
+        uint16_t widened[4][TILE][32] __attribute__((aligned(64)));
+        float block[TILE][TILE] __attribute__((aligned(64))), total[TILE][TILE] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int n0 = 0; n0 < N; n0 += TILE) {
+            memset(total, 0, sizeof total);
+            int g = 0, left = steps_per_group;
+            _tile_zero(0);
+            for (int k0 = 0; k0 < K; k0 += 128) {
+                for (int r = 0; r < TILE; r++) {
+                    __m512bh w[4];
+                    int4_unit(q + (size_t)(n0 + r) * (K / 2) + k0 / 2, w);
+                    for (int t = 0; t < 4; t++) _mm512_store_si512((void *)widened[t][r], (__m512i)w[t]);
+                }
+                for (int t = 0; t < 4; t++) {
+                    _tile_loadd(1, widened[t], 64);
+                    _tile_loadd(2, packed + (size_t)(k0 / 32 + t) * 512, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                    if (--left == 0) { /* the end of group g */
+                        _tile_stored(0, block, 64);
+                        _tile_zero(0);
+                        const __m512 sums = _mm512_load_ps(xsum + (size_t)g * TILE);
+                        for (int r = 0; r < TILE; r++) {
+                            const size_t at = (size_t)(n0 + r) * G + g;
+                            const __m512 scale = _mm512_set1_ps(scales[at]);
+                            const __m512 offset = _mm512_mul_ps(_mm512_set1_ps((float)(128 + zeros[at])), sums);
+                            _mm512_store_ps(total[r], _mm512_fmadd_ps(_mm512_sub_ps(_mm512_load_ps(block[r]), offset),
+                                                                      scale, _mm512_load_ps(total[r])));
+                        }
+                        g++, left = steps_per_group;
+                    }
+                }
+            }
+            for (int m = 0; m < M; m++)
+                for (int r = 0; r < TILE; r++)
+                    y[(size_t)m * N + n0 + r] = to_bf16(total[r][m] + (bias ? bias[n0 + r] : 0.0f));
+        }
+        _tile_release();
+    }
+    free(packed);
+    free(xsum);
+}
