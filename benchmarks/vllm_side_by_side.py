@@ -268,9 +268,13 @@ def write_tables(report: dict) -> None:
 
 
 NOTES = [
-    "No other job of ours ran during the measurement, but the machine is shared with other tenants: the same block "
-    "ran up to 1.7x faster in one round than in the other (onnx-int4-fp32 at 200m, batch 1: 27.8 and 46.4 tok/s), so "
-    "quote the ratios of paths measured next to each other, not single figures.",
+    "No other job of ours ran during the measurement, but the machine is shared with other tenants: in the sitting "
+    "an hour before this one the same block ran up to 2.8x faster in one round than in the other (vllm-bf16 at "
+    "3b:layers=2, batch 1: 23.5 and 8.3 tok/s), so quote the ratios of paths measured next to each other. Per "
+    "round (round 1 / round 2), quantkit's best / vLLM's best decode: 200m GPTQ 1.96x / 1.78x (batch 1), 0.95x / "
+    "0.80x (batch 8); 200m dense 1.70x / 1.97x, 0.95x / 0.96x; 3b:layers=2 GPTQ 2.03x / 1.51x, 1.10x / 1.15x; "
+    "dense 2.04x / 1.87x, 1.32x / 0.97x. The same folders on the libraries' kernels only (-library rows): gptq-bf16 "
+    "1.25x / 1.94x at batch 1 and 1.18x / 1.10x at batch 8 (200m), 1.91x / 1.39x and 1.63x / 1.12x (3b:layers=2).",
     "Weights are random (seeded presets) with the real StableLM tokenizer; GPTQ folders are RTN-quantized (the "
     "same packed layout as GPTQ, so the same speed).",
     "OpenMP on a shared machine: torch's threads spin at each parallel region's barrier by default; with other "
@@ -287,32 +291,28 @@ NOTES = [
     "batch 1 and 8; bf16 rounds differently, nearer fp64 attention); the PyTorch backend's KV cache is preallocated "
     "and filled in place instead of transformers' DynamicCache concatenating every layer's cache each step (1.10x at "
     "batch 8, neutral at batch 1, same tokens).",
-    "New in this table: a batch-1 decode step of the bf16 and GPTQ paths runs its linears on quantkit's one-row "
-    "kernels (quantkit/native/gemv.c: AVX512-BF16 dot products with fp32 sums, four weight rows streamed at a time "
-    "with the next four prefetched). The -library rows are the same folders on torch's and gptqmodel's kernels "
-    "only, in the same rounds: at batch 1, round by round, gptq-bf16 1.74x / 1.28x the library path (200m) and "
-    "1.46x / 1.54x (3b:layers=2), torch-bf16 1.62x / 1.37x and 1.55x / 1.66x. "
-    "benchmarks/results/gemv.md has the kernels alone over a whole decode step's weights: int4 layers 1.32x "
-    "gptqmodel's TorchCpuAvx512Linear (11.4 vs 8.6 GB/s), LM head 1.8-2.0x torch's bf16 F.linear (23-24 vs 12-13 "
-    "GB/s). Batch 8 and prefill keep the libraries' kernels (the one-row kernels lose to oneDNN/AMX and gptqmodel "
-    "from two rows up: 0.86x at eight rows), so batch-8 rows differ only by noise. The int4 kernel keeps its own "
-    "copy of the packed weights beside gptqmodel's (peak RSS 1.64 vs 1.56 GiB at 200m).",
-    "Profile before the one-row kernels (benchmarks/profile_gptq_decode.py, 200m GPTQ folder, 2 threads, default "
-    "wait policy, after the attention fix, before the cache fix; ms/step under the profiler): batch 1, 30.4 ms: "
-    "int4 linears 28 %, LM head (bf16, 50688 x 1024) 28 %, attention without its linears 26 %, GELU 5 %, "
-    "norms/rotary/masks 11 %, the runner outside the forward 2 %. Batch 8, 66.7 ms: int4 linears 37 %, LM head "
-    "14 %, attention without its linears 35 %, of which the cache's torch.cat was 15 % of the step (the part the "
-    "preallocated cache removes). After them (200m GPTQ, batch 1, wall-clock timers around the kernel calls, "
-    "18.9 ms/step on this shared machine): int4 kernel 5.2 ms, LM head 4.9 ms, everything else 8.8 ms.",
-    "Where the rest belongs: at 200m, batch 1 misses 50 % of the roofline because about half the step is no longer "
-    "weight reads but transformers' GPT-NeoX modules: per layer about 30 small ops (partial rotary: slices, "
-    "concatenations, multiplies; reshapes, layer norms, GELU) and PyTorch's flash-attention call (43-55 us alone "
-    "at 160 keys, about 140 us inside the step), each a dispatch and often an OpenMP region on 4,096 elements; a "
-    "fused rotary/attention kernel in transformers or a compiled decode graph would remove them. At batch 8 the "
-    "int4 GEMM is gptqmodel's (its TorchAtenLinear measured 0.92x at batch 1, 1.05x at batch 8 and 0.29x prefill "
-    "against TorchCpuAvx512Linear, interleaved, so gptqmodel's pick stands); vLLM's CPU build runs its own fused "
-    "attention and rotary kernels and oneDNN GEMMs with cached weight layouts, which is where it leads GPTQ at "
-    "batch 8 on 3b:layers=2.",
+    "quantkit's CPU decode kernels (quantkit/native, AVX512-BF16; the -library rows are the same folders on torch's "
+    "and gptqmodel's kernels only, in the same rounds). Batch 1: since the previous table each GPT-NeoX layer is one "
+    "call (layer.c: layer norms, the one-row int4/bf16 products of gemv.c, rotary + KV-cache write + fp32 attention "
+    "of attention.c, GELU, residuals), which removed transformers' per-layer small ops; interleaved A/B in one "
+    "process on the 200m GPTQ folder, before this table: 86.9 vs 60.5 tok/s over the previous one-row-linears path "
+    "(1.44x, same greedy tokens). Batch 2-16: the int4 layers run on AMX tiles (amx.c) instead of gptqmodel's "
+    "kernel, which is bound by its arithmetic there (3b:layers=2, batch 8, under the profiler: 66 ms of a 102 ms "
+    "step, about 3 GB/s of int4 codes; a vdpbf16ps eight-row kernel measured the same 2.5-3.3 GB/s, AMX 6.9-9.0 "
+    "GB/s); interleaved A/B, batch 8: 105.9 vs 70.1 tok/s (3b:layers=2, 1.51x), 208.9 vs 174.4 (200m, 1.20x). "
+    "bf16 batches and prefill keep oneDNN.",
+    "Profile with these kernels (benchmarks/profile_gptq_decode.py, 200m GPTQ folder, 2 threads, ms/step under the "
+    "profiler): batch 1, 14.8 ms: layer kernel 42 %, LM head (bf16 50688 x 1024, 104 of the 157 MB a step reads) "
+    "36 %, the rest of transformers' forward (embedding, final norm, mask and rotary tables, module calls) 17 %, "
+    "the runner outside the forward 4 %. Batch 8, 43.7 ms: int4 linears (AMX) 36 %, LM head 21 %, attention "
+    "without its linears (transformers' module and PyTorch's flash kernel) 25 %, GELU 4 %, rest 10 %, runner 3 %.",
+    "Where the rest belongs: at batch 1 the LM head is read at the bf16 kernel's 19-24 GB/s and a sixth of the step "
+    "is transformers' model-level work per step (masks built over the whole cache, rotary tables, output objects): "
+    "a compiled decode graph, or a fused decode loop in transformers' GPT-NeoX, would remove it. At batch 8 "
+    "attention is transformers' module around PyTorch's flash kernel (vLLM's CPU build runs its own paged attention "
+    "kernel); a batched variant of attention.c is the next step here. The bf16 path at batch 8 on 200m ran 0.86x / "
+    "0.88x its -library twin in both rounds (DecodeLinear and DecodeLayer hand those rows to the same modules), "
+    "which is not explained yet; the table's dense batch-8 verdict takes the faster of the two.",
     "vLLM's prefill leads quantkit's GPTQ backend (bf16 GEMMs through oneDNN with AMX in its CPU build; "
     "quantkit's GPTQ prefill goes through gptqmodel's kernel per linear).",
     "Roofline: decode weight bytes per step (every weight but the input embedding table) x steps/s / copy-test "
