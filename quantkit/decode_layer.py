@@ -24,25 +24,24 @@ class DecodeLayer(torch.nn.Module):
     def __init__(self, layer: GPTNeoXLayer, config: PretrainedConfig) -> None:
         super().__init__()
         self.layer = layer
-        attention, mlp = layer.attention, layer.mlp
+        attention = layer.attention
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        # fp32 copies the struct points to (the linears' weights stay alive in `layer`'s DecodeLinear modules)
         self.norm_parameters = [p.detach().float().contiguous() for norm in norms for p in (norm.weight, norm.bias)]
-        linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         self.struct = native.Layer(
-            *(native.linear_struct(linear.weight, linear.bias) for linear in linears),
+            *(native.linear_struct(linear.weight, linear.bias) for linear in linears_of(layer)),
             *(p.data_ptr() for p in self.norm_parameters),
             config.hidden_size, config.num_attention_heads, attention.head_size, attention.rotary_ndims,
             norms[0].eps, attention.scaling,
         )
-        self.linears = linears  # the weights the struct points to stay alive with it
         self.new_tokens = torch.empty(1, config.num_attention_heads, 1, attention.head_size, dtype=torch.bfloat16)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 layer_past: Cache | None = None, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 **kwargs) -> torch.Tensor:
         cache = layer_past.layers[self.layer.attention.layer_idx] if layer_past is not None else None
-        if (not native.one_row(hidden_states) or not isinstance(cache, PreallocatedLayer) or self.layer.training
-                or getattr(cache, "key_buffer", None) is None or torch.compiler.is_compiling()):
+        if (not native.one_row(hidden_states) or not isinstance(cache, PreallocatedLayer) or not cache.is_initialized
+                or self.layer.training or torch.compiler.is_compiling()):
             return self.layer(hidden_states, attention_mask=attention_mask, layer_past=layer_past,
                               position_embeddings=position_embeddings, **kwargs)
         position = cache.extend(self.new_tokens, self.new_tokens)
@@ -53,14 +52,19 @@ class DecodeLayer(torch.nn.Module):
                                    position, attention_mask)
 
 
+def linears_of(layer: GPTNeoXLayer) -> tuple[torch.nn.Module, ...]:
+    """The layer's four linears in layer.c's order: qkv, dense, fc1, fc2."""
+    attention, mlp = layer.attention, layer.mlp
+    return attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
+
+
 def fits(layer: torch.nn.Module, config: PretrainedConfig) -> bool:
     """Whether layer.c runs this layer: GPT-NeoX with parallel residual, exact GELU, heads attention.c takes, equal
     layer-norm eps, and its four linears on quantkit's products."""
     if not isinstance(layer, GPTNeoXLayer) or not layer.use_parallel_residual or config.hidden_act != "gelu":
         return False
-    attention, mlp = layer.attention, layer.mlp
-    linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-    return (all(isinstance(linear, DecodeLinear) for linear in linears)
+    attention = layer.attention
+    return (all(isinstance(linear, DecodeLinear) for linear in linears_of(layer))
             and native.attention_fits(attention.head_size, attention.rotary_ndims)
             and layer.input_layernorm.eps == layer.post_attention_layernorm.eps)
 

@@ -221,7 +221,7 @@ def decode_layer(layer: Layer, hidden: torch.Tensor, cos: torch.Tensor, sin: tor
                  values: torch.Tensor, position: int, mask: torch.Tensor | None) -> torch.Tensor:
     """One GPT-NeoX layer (parallel residual) for one bf16 row: returns its output; the rotated k and v of the row
     are written into the cache buffers at `position` (cos, sin, keys, values and mask as in decode_attention)."""
-    out = hidden.contiguous().clone()
+    out = hidden.clone(memory_format=torch.contiguous_format)  # the kernel writes the output over it
     library().qk_decode_layer(ctypes.byref(layer), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
                               values.data_ptr(), keys.shape[2], position, _address(mask))
     return out
