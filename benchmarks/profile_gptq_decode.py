@@ -4,8 +4,9 @@ attention and MLP of transformers' modules, the LM head, and per-step host work 
 Each module class gets a profiler range (forward hooks); a share is the range's inclusive CPU time over the decode
 wall time: whole layers on quantkit's layer.c (DecodeLayer, where it runs: then nothing inside a layer is split
 out), int4 linears (quantkit's one-row product, or gptqmodel's TorchAtenLinear / its AVX512-BF16 subclass), the bf16
-LM head, attention without its linears, the MLP's GELU, and what is left: embedding, final norm, masks and rotary
-tables in transformers, and the runner's per-step work (sampling, host sync).
+LM head, attention without its linears, the MLP's GELU, and what is left of the backend's forward (transformers'
+model forward, or quantkit's decode_step where every layer runs on layer.c): embedding, final norm, masks and rotary
+tables; then the runner's per-step work (sampling, host sync).
 
     python -m benchmarks.profile_gptq_decode GPTQ_FOLDER [--batch 1] [--new-tokens 32] [--threads 2]
 """
@@ -28,9 +29,11 @@ from quantkit.runner import generate
 
 
 
-def add_ranges(model: torch.nn.Module) -> None:
+def add_ranges(backend) -> None:
     """Profiler ranges around quantkit's layer kernel, the int4 linears (by block part), attention, MLP, LM head and
-    the whole forward."""
+    the backend's whole forward (transformers' model forward, or quantkit's decode_step)."""
+    model = backend.model
+
     def wrap(module: torch.nn.Module, label: str) -> None:
         ranges: list = []
         module.register_forward_pre_hook(lambda *_: ranges.append(record_function(label).__enter__()))
@@ -51,7 +54,13 @@ def add_ranges(model: torch.nn.Module) -> None:
 
     native.decode_layer = ranged_layer
     wrap(model.get_output_embeddings(), "lm head")
-    wrap(model, "model forward")
+    forward = backend.forward
+
+    def ranged_forward(*args, **kwargs):
+        with record_function("backend forward"):
+            return forward(*args, **kwargs)
+
+    backend.forward = ranged_forward
 
 
 def breakdown(totals: dict[str, float], decode_s: float) -> dict[str, float]:
@@ -65,8 +74,9 @@ def breakdown(totals: dict[str, float], decode_s: float) -> dict[str, float]:
         "attention without its linears": totals.get("attention", 0.0) - linear_attention,
         "mlp without its linears (GELU)": totals.get("mlp", 0.0) - linear_mlp,
     }
-    parts["rest of the forward (norms, rotary, masks, module calls)"] = totals["model forward"] - sum(parts.values())
-    parts["runner per-step work outside the forward"] = decode_s - totals["model forward"]
+    rest = "rest of the forward (embedding, norms, rotary, masks, module calls)"
+    parts[rest] = totals["backend forward"] - sum(parts.values())
+    parts["runner per-step work outside the forward"] = decode_s - totals["backend forward"]
     return parts
 
 
@@ -82,7 +92,7 @@ def main() -> None:
     prompts = [filler_prompt(backend.tokenizer, 128)] * args.batch
     greedy = Sampler(vocab_limit=len(backend.tokenizer))
     generate(backend, prompts, 4, greedy, stop_ids=[])  # warm-up: the kernel repacks its weights on first use
-    add_ranges(backend.model)
+    add_ranges(backend)
     prof = profile(activities=[ProfilerActivity.CPU])
 
     def start_after_prefill(row: int, token: int) -> None:  # the runner calls it first when the prefill is done

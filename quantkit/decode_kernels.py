@@ -1,4 +1,4 @@
-"""quantkit's batch-1 CPU decode kernels swapped into a loaded model: DecodeLinear products, then DecodeLayer."""
+"""quantkit's CPU decode kernels swapped into a loaded model: DecodeLinear products, then DecodeLayer."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,10 +1,10 @@
-"""Batch-1 decode layers on quantkit's CPU kernels (quantkit.native): a whole GPT-NeoX layer per kernel call.
+"""Decode layers on quantkit's CPU kernels (quantkit.native): a whole GPT-NeoX layer of a decode step per kernel call.
 
-At one row a GPT-NeoX layer's products are only part of its cost: transformers' module spends about as much again on
-small torch ops (layer norms, rotary slices and concatenations, cache copies, the attention call, GELU, residual
-adds) and the Python between them. `DecodeLayer` sends that row through layer.c once, over the same weights as the
-layer's DecodeLinear products and the same PreallocatedLayer cache; every other input (prefill, batch > 1) runs the
-layer as it is.
+At a few rows a GPT-NeoX layer's products are only part of its cost: transformers' module spends about as much again
+on small torch ops (layer norms, rotary slices and concatenations, cache copies, the attention call, GELU, residual
+adds) and the Python between them. `DecodeLayer` sends the rows of a decode step (one new token per sequence: one
+row, or up to 16 where amx.c runs) through layer.c once, over the same weights as the layer's DecodeLinear products
+and the same PreallocatedLayer cache; every other input (prefill, larger batches) runs the layer as it is.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from quantkit.kv_cache import PreallocatedLayer
 
 
 class DecodeLayer(torch.nn.Module):
-    """`layer` (a GPTNeoXLayer whose four linears are DecodeLinear) with its one-row decode steps on layer.c."""
+    """`layer` (a GPTNeoXLayer whose four linears are DecodeLinear) with the decode steps its products take on
+    layer.c."""
 
     def __init__(self, layer: GPTNeoXLayer, config: PretrainedConfig) -> None:
         super().__init__()
@@ -40,16 +41,30 @@ class DecodeLayer(torch.nn.Module):
                 layer_past: Cache | None = None, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 **kwargs) -> torch.Tensor:
         cache = layer_past.layers[self.layer.attention.layer_idx] if layer_past is not None else None
-        if (not native.one_row(hidden_states) or not isinstance(cache, PreallocatedLayer) or not cache.is_initialized
+        if (not self.takes(hidden_states) or not isinstance(cache, PreallocatedLayer) or not cache.is_initialized
                 or self.layer.training or torch.compiler.is_compiling()):
             return self.layer(hidden_states, attention_mask=attention_mask, layer_past=layer_past,
                               position_embeddings=position_embeddings, **kwargs)
-        position = cache.extend(self.new_tokens, self.new_tokens)
-        cos, sin = (part.to(torch.bfloat16).contiguous() for part in position_embeddings)  # as they come: no copy
+        rows = hidden_states.shape[0]
+        cos, sin = (part.to(torch.bfloat16).expand(rows, 1, -1).contiguous() for part in position_embeddings)
         if attention_mask is not None:
-            attention_mask = attention_mask[0, 0, -1, : position + 1].to(torch.bfloat16).contiguous()
+            end = cache.get_seq_length() + 1
+            attention_mask = attention_mask[:, 0, -1, :end].to(torch.bfloat16).expand(rows, -1).contiguous()
+        return self.step(hidden_states, cos, sin, attention_mask, cache)
+
+    def step(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+             cache: PreallocatedLayer) -> torch.Tensor:
+        """The layer on the rows `takes` accepts, over an initialized cache: cos, sin [rows, 1, rotary dims] and the
+        additive mask [rows, >= cached + 1] (or None), bf16 and contiguous."""
+        new_tokens = self.new_tokens.expand(hidden_states.shape[0], -1, -1, -1)
+        position = cache.extend(new_tokens, new_tokens)
         return native.decode_layer(self.struct, hidden_states, cos, sin, cache.key_buffer, cache.value_buffer,
-                                   position, attention_mask)
+                                   position, mask)
+
+    def takes(self, hidden_states: torch.Tensor) -> bool:
+        """One new token per row, and rows every one of the layer's products takes."""
+        return hidden_states.shape[1] == 1 and all(
+            native.takes_rows(hidden_states, linear.weight.shape[0]) for linear in linears_of(self.layer))
 
 
 def linears_of(layer: GPTNeoXLayer) -> tuple[torch.nn.Module, ...]:

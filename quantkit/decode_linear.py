@@ -2,9 +2,10 @@
 
 A decode step at batch 1 multiplies one row by every weight, and there the kernels read weights faster than torch's
 bf16 F.linear and gptqmodel's int4 kernel (benchmarks/gemv_bench.py); at a small batch (2-16 rows) gptqmodel's int4
-kernel is bound by its arithmetic, and amx.c's tile products run those rows where the CPU has AMX. Every other
-shape (prefill, bf16 weights at batch > 1) runs the layer that was there, where oneDNN/AMX does well. Only CPU bf16
-models are touched: the int4 layers of 4-bit GPTQ checkpoints without act-order, and bf16 nn.Linear layers.
+kernel is bound by its arithmetic and oneDNN's bf16 call costs about as much to set up as the product, and amx.c's
+tile products run those rows where the CPU has AMX. Every other shape (prefill of more than 16 tokens, larger
+batches) runs the layer that was there. Only CPU bf16 models are touched: the int4 layers of 4-bit GPTQ checkpoints
+without act-order, and bf16 nn.Linear layers.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from quantkit import native
 
 
 class DecodeLinear(torch.nn.Module):
-    """`layer` for every input but the bf16 rows quantkit's products take (one row; for int4 weights up to 16 rows
-    where AMX runs), which go to them with the same weights: `weight` (contiguous bf16 [N, K], or the layer's int4
-    codes as a PackedInt4) and `bias` (fp32 or None); fp32 sums."""
+    """`layer` for every input but the bf16 rows quantkit's products take (one row; up to 16 where AMX runs), which go
+    to them with the same weights: `weight` (contiguous bf16 [N, K], or the layer's int4 codes as a PackedInt4) and
+    `bias` (fp32 or None); fp32 sums."""
 
     def __init__(self, layer: torch.nn.Module, weight: torch.Tensor | native.PackedInt4,
                  bias: torch.Tensor | None) -> None:
@@ -32,12 +33,11 @@ class DecodeLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self.layer(x)
+        if not native.takes_rows(x, self.weight.shape[0]):
+            return self.layer(x)
         if isinstance(self.weight, native.PackedInt4):
-            if native.takes_int4(x, self.weight):
-                return native.int4_linear(x, self.weight, self.bias)
-        elif native.one_row(x):
-            return native.bf16_linear(x, self.weight, self.bias)
-        return self.layer(x)
+            return native.int4_linear(x, self.weight, self.bias)
+        return native.bf16_linear(x, self.weight, self.bias)
 
 
 def fp32_bias(layer: torch.nn.Module) -> torch.Tensor | None:

@@ -69,7 +69,7 @@ def test_int4_tile_product_of_a_few_rows_is_the_rounded_dequantized_product(n, k
     x = torch.randn(rows, 1, k, generator=torch.Generator().manual_seed(2)).bfloat16()
     bias = torch.randn(n).float()
     weight = native.pack_gptq(qweight, qzeros, scales, group)
-    assert native.takes_int4(x, weight)
+    assert native.takes_rows(x, n)
     out = native.int4_linear(x, weight, bias)
     assert_rounded_product(out[:, 0], x[:, 0], dequantized(qweight, qzeros, scales), bias)
 
@@ -95,18 +95,30 @@ def test_bf16_product_is_the_rounded_product(n, k):
     assert_rounded_product(native.bf16_linear(x, weight, bias), x, weight.double(), bias)
 
 
-def test_decode_linear_takes_one_row_and_leaves_the_rest_to_the_layer():
+@pytest.mark.skipif(not native.amx_available(), reason="needs AMX-BF16 (and the OS's grant of tile state)")
+@pytest.mark.parametrize("n, k, rows", [(50688, 1024, 8), (3072, 1024, 2), (1024, 4096, 16), (16, 32, 5)])
+def test_bf16_tile_product_of_a_few_rows_is_the_rounded_product(n, k, rows):
+    generator = torch.Generator().manual_seed(n + rows)
+    weight = torch.randn(n, k, generator=generator).bfloat16()
+    x, bias = torch.randn(rows, 1, k, generator=generator).bfloat16(), torch.randn(n, generator=generator)
+    assert native.takes_rows(x, n)
+    assert_rounded_product(native.bf16_linear(x, weight, bias)[:, 0], x[:, 0], weight.double(), bias)
+
+
+def test_decode_linear_takes_a_few_rows_and_leaves_the_rest_to_the_layer():
     linear = torch.nn.Linear(64, 96).bfloat16()
     model = torch.nn.Sequential(linear, torch.nn.Linear(64, 8).float())  # the fp32 layer is not taken
     assert use_decode_kernels(model) == 1 and isinstance(model[0], DecodeLinear) and model[1].weight.dtype == torch.float32
     calls = []
     product = native.bf16_linear
-    one, many = torch.randn(1, 1, 64).bfloat16(), torch.randn(2, 3, 64).bfloat16()
+    one, few, many = torch.randn(1, 1, 64).bfloat16(), torch.randn(4, 1, 64).bfloat16(), torch.randn(2, 9, 64).bfloat16()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(native, "bf16_linear", lambda x, *rest: calls.append(x.shape) or product(x, *rest))
-        assert torch.equal(model[0](many), linear(many)) and calls == []  # the layer's own kernel
+        assert torch.equal(model[0](many), linear(many)) and calls == []  # 18 rows: the layer's own kernel
         assert_rounded_product(model[0](one)[0], one[0], linear.weight.double(), linear.bias.float())
-    assert calls == [(1, 1, 64)]
+        if native.amx_available():
+            assert_rounded_product(model[0](few)[:, 0], few[:, 0], linear.weight.double(), linear.bias.float())
+    assert calls == [(1, 1, 64)] + [(4, 1, 64)] * native.amx_available()
 
 
 def test_turned_off_by_the_environment(monkeypatch):
@@ -137,43 +149,50 @@ def test_a_compiler_that_fails_leaves_the_library_kernels(monkeypatch, tmp_path)
 
 
 def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """GPT-NeoX's rotary embedding (rotate-half form over the first len(cos) dims) in fp64, written out here."""
-    r, half = len(cos), len(cos) // 2
+    """GPT-NeoX's rotary embedding (rotate-half form over the last dim of cos) in fp64, written out here."""
+    r = cos.shape[-1]
+    half = r // 2
     x = x.double()
     turned = torch.cat([-x[..., half:r], x[..., :half]], dim=-1)
     return torch.cat([x[..., :r] * cos.double() + turned * sin.double(), x[..., r:]], dim=-1)
 
 
-@pytest.mark.parametrize("heads, head_dim, position", [(16, 64, 37), (4, 128, 0), (8, 64, 300)])
-def test_decode_attention_is_fp32_attention_over_the_cache(heads, head_dim, position):
-    """The new k and v land at `position` (k rotated, rounded to bf16), masked keys get no weight, and the output is
-    the fp64 attention of the bf16 q, k and v rounded to bf16: half an ulp plus the fp32 sums' rounding."""
+@pytest.mark.parametrize("rows, heads, head_dim, position", [(1, 16, 64, 37), (1, 4, 128, 0), (3, 8, 64, 300)])
+def test_decode_attention_is_fp32_attention_over_the_cache(rows, heads, head_dim, position):
+    """Each row's new k and v land at `position` (k rotated by the row's own angles, rounded to bf16), its masked keys
+    get no weight, and its output is the fp64 attention of the bf16 q, k and v rounded to bf16: half an ulp plus the
+    fp32 sums' rounding."""
     generator = torch.Generator().manual_seed(heads + position)
     rotary, capacity = head_dim // 4, position + 20
-    qkv = torch.randn(heads, 3, head_dim, generator=generator).bfloat16()
-    keys = torch.randn(1, heads, capacity, head_dim, generator=generator).bfloat16()
-    values = torch.randn(1, heads, capacity, head_dim, generator=generator).bfloat16()
-    angles = (position / 10000 ** (torch.arange(rotary // 2) * 2 / rotary)).repeat(2)
+    qkv = torch.randn(rows, heads, 3, head_dim, generator=generator).bfloat16()
+    keys = torch.randn(rows, heads, capacity, head_dim, generator=generator).bfloat16()
+    values = torch.randn(rows, heads, capacity, head_dim, generator=generator).bfloat16()
+    row_positions = torch.tensor([position - 5 * row for row in range(rows)])  # left padding shifts later rows
+    angles = (row_positions[:, None] / 10000 ** (torch.arange(rotary // 2) * 2 / rotary)).repeat(1, 2)
     cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()  # as transformers hands them to a bf16 model
-    mask = torch.zeros(position + 1, dtype=torch.bfloat16)
-    mask[::3][:-1] = torch.finfo(torch.bfloat16).min  # every third key masked, the new one kept
-    out = native.decode_attention(qkv.flatten(), cos, sin, keys, values, position, mask, head_dim**-0.5)
+    mask = torch.zeros(rows, position + 3, dtype=torch.bfloat16)  # wider than needed, as a cache's mask can be
+    for row in range(rows):
+        mask[row, row : position : 3] = torch.finfo(torch.bfloat16).min  # every third key masked, the new one kept
+    out = native.decode_attention(qkv.flatten(1), cos, sin, keys, values, position, mask, head_dim**-0.5)
 
-    query = rotated(qkv[:, 0], cos, sin).bfloat16().double()
-    assert torch.equal(keys[0, :, position], rotated(qkv[:, 1], cos, sin).bfloat16())
-    assert torch.equal(values[0, :, position], qkv[:, 2])
-    k, v = keys[0, :, : position + 1].double(), values[0, :, : position + 1].double()
-    weights = ((torch.einsum("hd,htd->ht", query, k) * head_dim**-0.5) + mask.double()).softmax(-1)
-    exact = torch.einsum("ht,htd->hd", weights, v)
-    magnitude = torch.einsum("ht,htd->hd", weights, v.abs())
-    error = (out.view(heads, head_dim).double() - exact).abs()
+    query = rotated(qkv[:, :, 0], cos[:, None], sin[:, None]).bfloat16().double()
+    assert torch.equal(keys[:, :, position], rotated(qkv[:, :, 1], cos[:, None], sin[:, None]).bfloat16())
+    assert torch.equal(values[:, :, position], qkv[:, :, 2])
+    k, v = keys[:, :, : position + 1].double(), values[:, :, : position + 1].double()
+    scores = torch.einsum("mhd,mhtd->mht", query, k) * head_dim**-0.5 + mask[:, None, : position + 1].double()
+    weights = scores.softmax(-1)
+    exact = torch.einsum("mht,mhtd->mhd", weights, v)
+    magnitude = torch.einsum("mht,mhtd->mhd", weights, v.abs())
+    error = (out.view(rows, heads, head_dim).double() - exact).abs()
     assert (error <= 2**-8 * exact.abs() + 2**-16 * magnitude).all(), error.max()
-    assert position == 0 or weights[:, ::3][:, :-1].max() == 0
+    assert (weights * (mask[:, None, : position + 1] < 0)).max() == 0  # the mask is in force
 
 
-def test_decode_layer_runs_the_one_row_steps_of_every_layer():
-    """In a bf16 GPT-NeoX model layer.c runs every layer's one-row decode steps (prefill stays with transformers), and
-    teacher-forced decode logits stay as close to the fp32 model's as transformers' own bf16 layers keep them."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_layer_runs_the_decode_steps_of_every_layer(batch):
+    """In a bf16 GPT-NeoX model layer.c runs every layer's decode steps (one row; with AMX, a few left-padded rows)
+    and decode_step the rest of the step (prefill stays with transformers), and teacher-forced decode logits stay as
+    close to the fp32 model's as transformers' own bf16 layers keep them."""
     from quantkit.backends import open_backend
     from quantkit.decode_layer import DecodeLayer
 
@@ -181,23 +200,27 @@ def test_decode_layer_runs_the_one_row_steps_of_every_layer():
                            for dtype, kernels in (("bf16", True), ("bf16", False), ("fp32", False)))
     layers = fused.model.gpt_neox.layers
     assert all(isinstance(layer, DecodeLayer) for layer in layers) and len(layers) == fused.model.config.num_hidden_layers
-    calls = []
-    run_layer = native.decode_layer
-    ids = torch.randint(10, 7000, (1, 72), generator=torch.Generator().manual_seed(0))
+    calls, model_calls = [], []
+    run_layer, model_forward = native.decode_layer, fused.model.gpt_neox.forward
+    ids = torch.randint(10, 7000, (batch, 72), generator=torch.Generator().manual_seed(0))
+    padding = torch.arange(72)[None] < 6 * torch.arange(batch)[:, None]  # row r starts after 6r pad tokens
+    mask = (~padding).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = {}
     for name, backend in (("fused", fused), ("plain", plain), ("exact", exact)):
         steps = []
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(native, "decode_layer", lambda *a: calls.append(a[6]) or run_layer(*a))
-            _, cache = backend.forward(ids[:, :40], torch.arange(40)[None], torch.ones(1, 40, dtype=torch.long),
-                                       backend.new_cache(1))
+            patch.setattr(fused.model.gpt_neox, "forward", lambda *a, **k: model_calls.append(1) or model_forward(*a, **k))
+            _, cache = backend.forward(ids[:, :40], positions[:, :40], mask[:, :40], backend.new_cache(batch))
             for t in range(40, 72):
-                step, cache = backend.forward(ids[:, t:t + 1], torch.tensor([[t]]),
-                                              torch.ones(1, t + 1, dtype=torch.long), cache)
+                step, cache = backend.forward(ids[:, t:t + 1], positions[:, t:t + 1], mask[:, :t + 1], cache)
                 steps.append(step[:, -1])
         logits[name] = torch.stack(steps)
         if name == "fused":
-            assert calls == [t for t in range(40, 72) for _ in layers]
+            taken = batch == 1 or native.amx_available()
+            assert calls == [t for t in range(40, 72) for _ in layers] * taken
+            assert len(model_calls) == 1 + 32 * (not taken)  # the prefill; decode steps only where not taken
     fused_error = (logits["fused"] - logits["exact"]).abs().mean()
     plain_error = (logits["plain"] - logits["exact"]).abs().mean()
     assert fused_error <= 1.25 * plain_error, (fused_error, plain_error)

@@ -5,6 +5,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
+from quantkit.decode_step import decode_step
 from quantkit.kv_cache import preallocated_cache
 
 
@@ -41,6 +42,9 @@ class TorchBackend:
         cache: Cache,
         last_only: bool = True,
     ) -> tuple[torch.Tensor, Cache]:
+        logits = decode_step(self.model, input_ids, position_ids, attention_mask, cache)
+        if logits is not None:
+            return logits.float(), cache
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,

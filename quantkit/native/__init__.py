@@ -1,6 +1,6 @@
-"""quantkit's own CPU kernels for decode steps: gemv.c (bf16 and GPTQ int4 products of one row), attention.c (GPT-NeoX
-attention of one row over the KV cache), layer.c (a whole GPT-NeoX layer of one row on them) and amx.c (GPTQ int4
-products of 2-16 rows, a small decode batch, on AMX tiles where the CPU has AMX-BF16).
+"""quantkit's own CPU kernels for decode steps: gemv.c (bf16 and GPTQ int4 products of one row), amx.c (the same
+products of 2-16 rows, a small decode batch, on AMX tiles where the CPU has AMX-BF16), attention.c (GPT-NeoX attention
+of each row over the KV cache) and layer.c (a whole GPT-NeoX layer of those rows on them).
 
 Compiled on first use with the system C compiler into the cache folder (about a second), only where the CPU
 has AVX512-BF16; elsewhere `available()` is False and the backends keep torch's and gptqmodel's kernels.
@@ -75,12 +75,13 @@ def library() -> ctypes.CDLL | None:
     pointer, integer, real = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.qk_bf16_gemv.argtypes = [pointer, pointer, integer, integer, pointer, pointer]
     lib.qk_int4_gemv.argtypes = [pointer, pointer, pointer, pointer, integer, integer, integer, pointer, pointer]
-    lib.qk_decode_attention.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer, pointer, integer,
-                                        integer, pointer, real, pointer]
+    lib.qk_decode_attention.argtypes = [pointer, integer, pointer, pointer, integer, integer, integer, pointer, pointer,
+                                        integer, integer, pointer, integer, real, pointer]
     lib.qk_int4_gemm_amx.argtypes = [pointer, integer, pointer, pointer, pointer, integer, integer, integer, pointer,
                                      pointer]
-    lib.qk_decode_layer.argtypes = [ctypes.POINTER(Layer), pointer, pointer, pointer, pointer, pointer, integer, integer,
-                                    pointer]
+    lib.qk_bf16_gemm_amx.argtypes = [pointer, integer, pointer, integer, integer, pointer, pointer]
+    lib.qk_decode_layer.argtypes = [ctypes.POINTER(Layer), pointer, integer, pointer, pointer, pointer, pointer, integer,
+                                    integer, pointer, integer]
     return lib
 
 
@@ -90,9 +91,13 @@ def amx_available() -> bool:
     return available() and AMX_FLAGS <= cpu_flags() and library().qk_amx_enable() == 0
 
 
-def one_row(x: torch.Tensor) -> bool:
-    """Whether the kernels take `x`: one bf16 row on the CPU."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]
+def takes_rows(x: torch.Tensor, out_features: int) -> bool:
+    """Whether the products take `x` for a weight of `out_features` rows: bf16 rows on the CPU, one (gemv.c) or,
+    with AMX, up to MAX_TILE_ROWS (amx.c, out_features a multiple of 16)."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return False
+    rows = x.numel() // x.shape[-1]
+    return rows == 1 or (rows <= MAX_TILE_ROWS and out_features % 16 == 0 and amx_available())
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:
@@ -100,11 +105,16 @@ def _address(tensor: torch.Tensor | None) -> int | None:
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x[..., K] @ weight[N, K]^T + bias (fp32 or None) for one bf16 row x; weight bf16, contiguous, K % 32 == 0."""
+    """x[..., K] @ weight[N, K]^T + bias (fp32 or None) for bf16 rows x that `takes_rows` accepts; weight bf16,
+    contiguous, K % 32 == 0."""
     x = x.contiguous()
     n, k = weight.shape
+    rows = x.numel() // k
     out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    library().qk_bf16_gemv(x.data_ptr(), weight.data_ptr(), n, k, _address(bias), out.data_ptr())
+    if rows == 1:
+        library().qk_bf16_gemv(x.data_ptr(), weight.data_ptr(), n, k, _address(bias), out.data_ptr())
+    else:
+        library().qk_bf16_gemm_amx(x.data_ptr(), rows, weight.data_ptr(), n, k, _address(bias), out.data_ptr())
     return out
 
 
@@ -151,16 +161,8 @@ def packable(in_features: int, out_features: int, group: int) -> bool:
             and in_features // group <= MAX_GROUPS and out_features % 8 == 0)
 
 
-def takes_int4(x: torch.Tensor, weight: PackedInt4) -> bool:
-    """Whether `int4_linear` takes `x`: bf16 rows on the CPU, one (gemv.c) or, with AMX, up to MAX_TILE_ROWS."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        return False
-    rows = x.numel() // x.shape[-1]
-    return rows == 1 or (rows <= MAX_TILE_ROWS and weight.shape[0] % 16 == 0 and amx_available())
-
-
 def int4_linear(x: torch.Tensor, weight: PackedInt4, bias: torch.Tensor | None) -> torch.Tensor:
-    """x[..., K] @ dequantized(weight)^T + bias (fp32 or None) for bf16 rows x that `takes_int4` accepts."""
+    """x[..., K] @ dequantized(weight)^T + bias (fp32 or None) for bf16 rows x that `takes_rows` accepts."""
     x = x.contiguous()
     n, k = weight.shape
     rows = x.numel() // k
@@ -176,14 +178,15 @@ def int4_linear(x: torch.Tensor, weight: PackedInt4, bias: torch.Tensor | None) 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, position: int, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """One row's GPT-NeoX attention, all bf16: qkv [heads * 3 * head_dim] (per head q, k, v); cos, sin [rotary dims];
-    keys, values the layer's [1, heads, capacity, head_dim] cache buffers, into which the rotated k and v are written
-    at `position`; mask [position + 1] additive (contiguous) or None. Returns [heads * head_dim]."""
-    _, heads, capacity, head_dim = keys.shape
-    out = torch.empty(heads * head_dim, dtype=torch.bfloat16)
-    library().qk_decode_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), heads, head_dim, cos.numel(),
-                                  keys.data_ptr(), values.data_ptr(), capacity, position, _address(mask), scaling,
-                                  out.data_ptr())
+    """GPT-NeoX attention of the M rows of a decode step, all bf16 and contiguous: qkv [M, heads * 3 * head_dim] (per
+    head q, k, v); cos, sin [M, rotary dims]; keys, values the layer's [M, heads, capacity, head_dim] cache buffers,
+    into which each row's rotated k and v are written at `position`; mask [M, >= position + 1] additive or None.
+    Returns [M, heads * head_dim]."""
+    rows, heads, capacity, head_dim = keys.shape
+    out = torch.empty(rows, heads * head_dim, dtype=torch.bfloat16)
+    library().qk_decode_attention(qkv.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), heads, head_dim,
+                                  cos.shape[-1], keys.data_ptr(), values.data_ptr(), capacity, position,
+                                  _address(mask), 0 if mask is None else mask.shape[-1], scaling, out.data_ptr())
     return out
 
 
@@ -219,9 +222,11 @@ def linear_struct(weight: torch.Tensor | PackedInt4, bias: torch.Tensor | None) 
 
 def decode_layer(layer: Layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, position: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """One GPT-NeoX layer (parallel residual) for one bf16 row: returns its output; the rotated k and v of the row
-    are written into the cache buffers at `position` (cos, sin, keys, values and mask as in decode_attention)."""
+    """One GPT-NeoX layer (parallel residual) for the M bf16 rows of a decode step (hidden [M, 1, hidden_size]; M
+    above 1 only with AMX and out_features multiples of 16): returns its output; each row's rotated k and v are
+    written into the cache buffers at `position` (cos, sin, keys, values and mask as in decode_attention)."""
     out = hidden.clone(memory_format=torch.contiguous_format)  # the kernel writes the output over it
-    library().qk_decode_layer(ctypes.byref(layer), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
-                              values.data_ptr(), keys.shape[2], position, _address(mask))
+    library().qk_decode_layer(ctypes.byref(layer), out.data_ptr(), keys.shape[0], cos.data_ptr(), sin.data_ptr(),
+                              keys.data_ptr(), values.data_ptr(), keys.shape[2], position, _address(mask),
+                              0 if mask is None else mask.shape[-1])
     return out

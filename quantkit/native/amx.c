@@ -1,4 +1,4 @@
-/* GPTQ int4 products of a few rows (a small decode batch) on AMX tiles, for CPUs with AMX-BF16.
+/* Products of a few rows (a small decode batch) on AMX tiles, for CPUs with AMX-BF16: GPTQ int4 and bf16 weights.
  *
  * Why hand-written: from two rows up, one-row kernels repeat the weight work per row, and with AVX512 dot products
  * the work is the limit: at eight rows gptqmodel's CPU kernel and a vdpbf16ps version of gemv.c both read 2.5-3.3
@@ -9,6 +9,9 @@
  * packed in pairs of inputs (16 rows of x, zero beyond M), C a 16x16 fp32 block summed over one group, then scaled
  * and offset by the group's zero point in fp32: y[m,n] = sum_g scale * (C_g[n,m] - (128 + zero) * X_g[m]).
  * Layouts as in gemv.c (qk_int4_gemv); N a multiple of 16, 1 <= M <= 16.
+ *
+ * bf16 weights need no widening: A tiles are loaded straight from 16 weight rows (row stride K), C sums all of K.
+ * oneDNN does the same through torch, but at a few rows the call's setup costs about as much as the product.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -41,19 +44,53 @@ static void configure(void) {
     _tile_loadconfig(&config);
 }
 
+/* x [M, K] transposed in pairs of inputs for B tiles: step s (inputs 32s..32s+31) is 16 rows (input pairs) of 16
+ * x rows x 2 bf16, rows past M zero. Freed by the caller. */
+static uint16_t *pack_pairs(const uint16_t *x, int M, int K) {
+    uint16_t *packed = aligned_alloc(64, (size_t)K * TILE * sizeof *packed);
+    memset(packed, 0, (size_t)K * TILE * sizeof *packed);
+    for (int m = 0; m < M; m++)
+        for (int k = 0; k < K; k++) packed[(size_t)(k / 32) * 512 + (k % 32 / 2) * 32 + m * 2 + k % 2] = x[(size_t)m * K + k];
+    return packed;
+}
+
+/* y[m, n0..n0+15] = block^T + bias, rounded, for the M rows of x. */
+static void store_block(float block[TILE][TILE], int M, int N, int n0, const float *bias, uint16_t *y) {
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < TILE; r++) y[(size_t)m * N + n0 + r] = to_bf16(block[r][m] + (bias ? bias[n0 + r] : 0.0f));
+}
+
+/* y[M, N] = x[M, K] w[N, K]^T (+ bias[N]); K a multiple of 32. */
+void qk_bf16_gemm_amx(const uint16_t *x, int M, const uint16_t *w, int N, int K, const float *bias, uint16_t *y) {
+    uint16_t *packed = pack_pairs(x, M, K);
+#pragma omp parallel
+    {
+        configure();
+        float block[TILE][TILE] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int n0 = 0; n0 < N; n0 += TILE) {
+            _tile_zero(0);
+            for (int k0 = 0; k0 < K; k0 += 32) {
+                _tile_loadd(1, w + (size_t)n0 * K + k0, K * sizeof *w);
+                _tile_loadd(2, packed + (size_t)(k0 / 32) * 512, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, block, 64);
+            store_block(block, M, N, n0, bias, y);
+        }
+        _tile_release();
+    }
+    free(packed);
+}
+
 void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *scales, const uint8_t *zeros, int N,
                       int K, int group, const float *bias, uint16_t *y) {
     const int G = K / group, steps_per_group = group / 32;
-    /* x^T in pairs: step s (inputs 32s..32s+31) is 16 rows (input pairs) of 16 x rows x 2 bf16 */
-    uint16_t *packed = aligned_alloc(64, (size_t)K * TILE * sizeof *packed);
+    uint16_t *packed = pack_pairs(x, M, K);
     float *xsum = aligned_alloc(64, (size_t)G * TILE * sizeof *xsum);
-    memset(packed, 0, (size_t)K * TILE * sizeof *packed);
     memset(xsum, 0, (size_t)G * TILE * sizeof *xsum);
     for (int m = 0; m < M; m++)
-        for (int k = 0; k < K; k++) {
-            packed[(size_t)(k / 32) * 512 + (k % 32 / 2) * 32 + m * 2 + k % 2] = x[(size_t)m * K + k];
-            xsum[(k / group) * TILE + m] += from_bf16(x[(size_t)m * K + k]);
-        }
+        for (int k = 0; k < K; k++) xsum[(k / group) * TILE + m] += from_bf16(x[(size_t)m * K + k]);
 #pragma omp parallel
     {
         configure();
@@ -89,9 +126,7 @@ void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *s
                     }
                 }
             }
-            for (int m = 0; m < M; m++)
-                for (int r = 0; r < TILE; r++)
-                    y[(size_t)m * N + n0 + r] = to_bf16(total[r][m] + (bias ? bias[n0 + r] : 0.0f));
+            store_block(total, M, N, n0, bias, y);
         }
         _tile_release();
     }

@@ -1,4 +1,5 @@
-/* One GPT-NeoX attention step for the single row of a batch-1 decode step, after the fused q/k/v product:
+/* One GPT-NeoX attention step for the rows of a decode step (one new token per sequence), after the fused q/k/v
+ * product:
  * rotary embedding of q and k, the new k and v written into the layer's KV cache, softmax(q k^T * scaling + mask) v.
  *
  * Why hand-written: at one row, transformers' module does this in about twenty small torch ops per layer (views,
@@ -8,10 +9,11 @@
  *
  * Numbers: qkv, cache and output are bf16 (raw uint16 bits); the rotated q and k are rounded to bf16 once (the cache
  * holds bf16), scores, mask, softmax and the weighted sum of v are fp32, the output rounded to nearest even.
- * Layouts: qkv [H][3][D] (per head q, k, v, as GPT-NeoX's query_key_value packs them), keys and values
- * [H][capacity][D] (the cache buffer of batch 1), cos and sin [R] for the new position (R rotary dims, the two
- * halves equal as transformers builds them), mask [position + 1] additive or NULL, out [H][D]; all bf16.
- * Threads: OpenMP over heads.
+ * Layouts for M rows: qkv [M][H][3][D] (per head q, k, v, as GPT-NeoX's query_key_value packs them), keys and
+ * values [M][H][capacity][D] (the cache buffers), cos and sin [M][R] for each row's new position (R rotary dims, the
+ * two halves equal as transformers builds them), mask [M][mask_stride] additive (the first position + 1 used) or
+ * NULL, out [M][H][D]; all bf16. Every row writes its new k and v at the same cache index `position` (left-padded
+ * rows have their own rotary positions and masks). Threads: OpenMP over rows and heads.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -34,14 +36,17 @@ static void rotate(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, 
 }
 
 /* D a multiple of 32, at most MAX_HEAD_DIM; R even, at most D; position < capacity. */
-void qk_decode_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, int H, int D, int R,
-                         uint16_t *keys, uint16_t *values, int capacity, int position, const uint16_t *mask,
-                         float scaling, uint16_t *out) {
+void qk_decode_attention(const uint16_t *qkv, int M, const uint16_t *cos_rows, const uint16_t *sin_rows, int H, int D,
+                         int R, uint16_t *keys, uint16_t *values, int capacity, int position, const uint16_t *mask_rows,
+                         int mask_stride, float scaling, uint16_t *out) {
     const int T = position + 1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int m = 0; m < M; m++)
     for (int h = 0; h < H; h++) {
-        const uint16_t *head = qkv + (size_t)h * 3 * D;
-        uint16_t *k_cache = keys + (size_t)h * capacity * D, *v_cache = values + (size_t)h * capacity * D;
+        const size_t row_head = (size_t)m * H + h;
+        const uint16_t *head = qkv + row_head * 3 * D, *cos = cos_rows + (size_t)m * R, *sin = sin_rows + (size_t)m * R;
+        const uint16_t *mask = mask_rows ? mask_rows + (size_t)m * mask_stride : NULL;
+        uint16_t *k_cache = keys + row_head * capacity * D, *v_cache = values + row_head * capacity * D;
         uint16_t q[MAX_HEAD_DIM] __attribute__((aligned(64)));
         rotate(head, cos, sin, D, R, q);
         rotate(head + D, cos, sin, D, R, k_cache + (size_t)position * D);
@@ -69,7 +74,7 @@ void qk_decode_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_
         float row[16];
         for (int d = 0; d < D / 16; d++) {
             _mm512_storeu_ps(row, _mm512_div_ps(acc[d], _mm512_set1_ps(total)));
-            for (int i = 0; i < 16; i++) out[(size_t)h * D + 16 * d + i] = to_bf16(row[i]);
+            for (int i = 0; i < 16; i++) out[row_head * D + 16 * d + i] = to_bf16(row[i]);
         }
     }
 }

@@ -1,8 +1,8 @@
-/* One GPT-NeoX layer (parallel residual, as StableLM-Alpha) for the single row of a batch-1 decode step, in one call:
+/* One GPT-NeoX layer (parallel residual, as StableLM-Alpha) for the rows of a decode step, in one call:
  *   out = bf16(bf16(mlp(ln2(x)) + attention(ln1(x))) + x),  mlp(h) = fc2(gelu(fc1(h))),
- * the products on gemv.c's kernels and the attention on attention.c's.
+ * the products on gemv.c's kernels (one row) or amx.c's (2-16 rows), the attention on attention.c's.
  *
- * Why hand-written: at one row the products are a small part of what transformers' modules do per layer; the two
+ * Why hand-written: at a few rows the products are a small part of what transformers' modules do per layer; the two
  * layer norms, GELU, residual adds, views, module calls and the Python between them cost about as much as the
  * weights take to read (on the stablelm-200m shape, a third of a GPTQ decode step outside quantkit's kernels).
  * Here a layer is one call; each product and the attention keep their own OpenMP loops.
@@ -12,6 +12,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -19,9 +20,12 @@
 void qk_bf16_gemv(const uint16_t *x, const uint16_t *w, int N, int K, const float *bias, uint16_t *y);
 void qk_int4_gemv(const uint16_t *x, const uint8_t *q, const float *scales, const uint8_t *zeros, int N, int K,
                   int group, const float *bias, uint16_t *y);
-void qk_decode_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, int H, int D, int R,
+void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *scales, const uint8_t *zeros, int N,
+                      int K, int group, const float *bias, uint16_t *y);
+void qk_bf16_gemm_amx(const uint16_t *x, int M, const uint16_t *w, int N, int K, const float *bias, uint16_t *y);
+void qk_decode_attention(const uint16_t *qkv, int M, const uint16_t *cos, const uint16_t *sin, int H, int D, int R,
                          uint16_t *keys, uint16_t *values, int capacity, int position, const uint16_t *mask,
-                         float scaling, uint16_t *out);
+                         int mask_stride, float scaling, uint16_t *out);
 
 typedef struct {          /* one linear: bf16 weight [N,K] when scales is NULL, else gemv.c's int4 layout */
     const void *weight;
@@ -38,12 +42,17 @@ typedef struct {
     float eps, scaling;
 } qk_layer;
 
-static void product(const qk_linear *l, const uint16_t *x, uint16_t *y) {
-    if (l->scales)
-        qk_int4_gemv(x, (const uint8_t *)l->weight, l->scales, l->zeros, l->out_features, l->in_features, l->group,
-                     l->bias, y);
+/* y[M, N] = x[M, K] W^T (+ bias): one row on gemv.c, more on amx.c (N a multiple of 16 there). */
+static void product(const qk_linear *l, const uint16_t *x, int M, uint16_t *y) {
+    const int N = l->out_features, K = l->in_features;
+    if (l->scales && M == 1)
+        qk_int4_gemv(x, (const uint8_t *)l->weight, l->scales, l->zeros, N, K, l->group, l->bias, y);
+    else if (l->scales)
+        qk_int4_gemm_amx(x, M, (const uint8_t *)l->weight, l->scales, l->zeros, N, K, l->group, l->bias, y);
+    else if (M == 1)
+        qk_bf16_gemv(x, (const uint16_t *)l->weight, N, K, l->bias, y);
     else
-        qk_bf16_gemv(x, (const uint16_t *)l->weight, l->out_features, l->in_features, l->bias, y);
+        qk_bf16_gemm_amx(x, M, (const uint16_t *)l->weight, N, K, l->bias, y);
 }
 
 static void layer_norm(const uint16_t *x, int n, const float *weight, const float *bias, float eps, uint16_t *out) {
@@ -63,22 +72,29 @@ static void gelu(uint16_t *x, int n) {
     }
 }
 
-/* hidden [hidden] bf16 is read and overwritten with the layer's output; keys, values, cos, sin, mask and position
- * as in qk_decode_attention. */
-void qk_decode_layer(const qk_layer *L, uint16_t *hidden, const uint16_t *cos, const uint16_t *sin, uint16_t *keys,
-                     uint16_t *values, int capacity, int position, const uint16_t *mask) {
-    const int H = L->hidden;
-    uint16_t ln1[H], ln2[H], qkv[3 * H], attended[H], attention_out[H], up[L->fc1.out_features], mlp_out[H];
-    layer_norm(hidden, H, L->ln1_weight, L->ln1_bias, L->eps, ln1);
-    layer_norm(hidden, H, L->ln2_weight, L->ln2_bias, L->eps, ln2);
-    product(&L->qkv, ln1, qkv);
-    qk_decode_attention(qkv, cos, sin, L->heads, L->head_dim, L->rotary, keys, values, capacity, position, mask,
-                        L->scaling, attended);
-    product(&L->dense, attended, attention_out);
-    product(&L->fc1, ln2, up);
-    gelu(up, L->fc1.out_features);
-    product(&L->fc2, up, mlp_out);
-    for (int i = 0; i < H; i++)
+/* hidden [M][hidden] bf16 is read and overwritten with the layer's output; keys, values, cos, sin, mask and position
+ * as in qk_decode_attention; M at most 16, and above 1 only on CPUs with AMX. */
+void qk_decode_layer(const qk_layer *L, uint16_t *hidden, int M, const uint16_t *cos, const uint16_t *sin,
+                     uint16_t *keys, uint16_t *values, int capacity, int position, const uint16_t *mask,
+                     int mask_stride) {
+    const int H = L->hidden, F = L->fc1.out_features;
+    const size_t rows = (size_t)M * H;
+    uint16_t *workspace = malloc((8 * rows + (size_t)M * F) * sizeof *workspace);
+    uint16_t *ln1 = workspace, *ln2 = ln1 + rows, *qkv = ln2 + rows, *attended = qkv + 3 * rows;
+    uint16_t *attention_out = attended + rows, *mlp_out = attention_out + rows, *up = mlp_out + rows;
+    for (int m = 0; m < M; m++) {
+        layer_norm(hidden + (size_t)m * H, H, L->ln1_weight, L->ln1_bias, L->eps, ln1 + (size_t)m * H);
+        layer_norm(hidden + (size_t)m * H, H, L->ln2_weight, L->ln2_bias, L->eps, ln2 + (size_t)m * H);
+    }
+    product(&L->qkv, ln1, M, qkv);
+    qk_decode_attention(qkv, M, cos, sin, L->heads, L->head_dim, L->rotary, keys, values, capacity, position, mask,
+                        mask_stride, L->scaling, attended);
+    product(&L->dense, attended, M, attention_out);
+    product(&L->fc1, ln2, M, up);
+    gelu(up, M * F);
+    product(&L->fc2, up, M, mlp_out);
+    for (size_t i = 0; i < rows; i++)
         hidden[i] = to_bf16(from_bf16(to_bf16(from_bf16(mlp_out[i]) + from_bf16(attention_out[i]))) +
                             from_bf16(hidden[i]));
+    free(workspace);
 }
