@@ -1,11 +1,11 @@
 """`quantkit bench --best`: which engine path runs an artifact fastest on this machine.
 
 The paths of an artifact folder are the runner's backends for it and the exports it converts to (a GPTQ folder:
-the GPTQ backend and onnx-int4 graphs; a dense folder: PyTorch in two dtypes and ONNX). Where quantkit's one-row CPU
-kernels run (quantkit.decode_linear), the bf16 PyTorch and GPTQ paths are also tried without them
-(`-library-kernels`: torch's and gptqmodel's kernels only), so the table shows what they are worth here. Every export goes through
-its exporter into a scratch folder, so it is validated against the reference with the exporter's own tolerance
-(a path that fails is reported, never timed). Each path's decode tokens/s is measured by quantkit.bench; the
+the GPTQ backend and onnx-int4 graphs; a dense folder: PyTorch in two dtypes and ONNX). Where quantkit's CPU decode
+kernels run (quantkit.decode_kernels), the bf16 PyTorch and GPTQ paths are also tried without them
+(`-library-kernels`: torch's and gptqmodel's kernels only), so the table shows what they are worth here. Every
+export goes through its exporter into a scratch folder, so it is validated against the reference with the
+exporter's own tolerance (a path that fails is reported, never timed). Each path's decode tokens/s is measured by quantkit.bench; the
 fastest at the first batch size is `best`, and the fastest per batch size is `best_by_batch`.
 """
 from __future__ import annotations
