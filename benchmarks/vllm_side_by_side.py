@@ -268,13 +268,14 @@ def write_tables(report: dict) -> None:
 
 
 NOTES = [
-    "No other job of ours ran during the measurement, but the machine is shared with other tenants: in the sitting "
-    "an hour before this one the same block ran up to 2.8x faster in one round than in the other (vllm-bf16 at "
-    "3b:layers=2, batch 1: 23.5 and 8.3 tok/s), so quote the ratios of paths measured next to each other. Per "
-    "round (round 1 / round 2), quantkit's best / vLLM's best decode: 200m GPTQ 1.96x / 1.78x (batch 1), 0.95x / "
-    "0.80x (batch 8); 200m dense 1.70x / 1.97x, 0.95x / 0.96x; 3b:layers=2 GPTQ 2.03x / 1.51x, 1.10x / 1.15x; "
-    "dense 2.04x / 1.87x, 1.32x / 0.97x. The same folders on the libraries' kernels only (-library rows): gptq-bf16 "
-    "1.25x / 1.94x at batch 1 and 1.18x / 1.10x at batch 8 (200m), 1.91x / 1.39x and 1.63x / 1.12x (3b:layers=2).",
+    "No other job of ours ran during the measurement, but the machine is shared with other tenants and was busy in "
+    "this sitting: the copy test read 23.9-25.2 GB/s (33.1 GB/s in the sitting before) and the same block ran up to "
+    "2.1x faster in one round than in the other (vllm-gptq-bf16 at 3b:layers=2, batch 1: 17.9 and 8.7 tok/s), so "
+    "quote the ratios of paths measured next to each other. Per round (round 1 / round 2), quantkit's best / vLLM's "
+    "best decode: 200m GPTQ 2.55x / 1.94x (batch 1), 1.64x / 1.26x (batch 8); 200m dense 2.67x / 1.46x, 1.83x / "
+    "1.08x; 3b:layers=2 GPTQ 1.44x / 2.14x, 2.00x / 1.87x; dense 2.23x / 3.26x, 1.88x / 3.01x. The same folders on "
+    "the libraries' kernels only (-library rows): gptq-bf16 2.27x / 1.47x at batch 1 and 2.03x / 1.46x at batch 8 "
+    "(200m), 1.37x / 1.92x and 2.28x / 1.71x (3b:layers=2); torch-bf16 2.88x / 2.17x and 2.09x / 1.73x (200m).",
     "Weights are random (seeded presets) with the real StableLM tokenizer; GPTQ folders are RTN-quantized (the "
     "same packed layout as GPTQ, so the same speed).",
     "OpenMP on a shared machine: torch's threads spin at each parallel region's barrier by default; with other "
@@ -284,7 +285,8 @@ NOTES = [
     "at the runtime's default.",
     "The roofline columns count each path's own decode bytes: onnx-int4 graphs keep the LM head in fp32 (250 vs "
     "149 MiB at 200m, 998 vs 596 MiB at 3b:layers=2), so target (b) reads the fastest GPTQ path's tok/s against "
-    "the GPTQ folder's bytes.",
+    "the GPTQ folder's bytes. A busy host lowers both the copy test and the decode rate: read the percentage with "
+    "the sitting's bandwidth (25.2 GB/s here, 33.1 GB/s in the sitting before).",
     "Fixed in quantkit since the first table (each measured interleaved in one process on the 200m GPTQ folder): "
     "attention on CPU is one call to PyTorch's flash-attention kernel, which keeps scores "
     "and softmax in fp32 for bf16 inputs, instead of upcasting q and the whole K cache each step (1.13x decode at "
@@ -292,27 +294,29 @@ NOTES = [
     "and filled in place instead of transformers' DynamicCache concatenating every layer's cache each step (1.10x at "
     "batch 8, neutral at batch 1, same tokens).",
     "quantkit's CPU decode kernels (quantkit/native, AVX512-BF16; the -library rows are the same folders on torch's "
-    "and gptqmodel's kernels only, in the same rounds). Batch 1: since the previous table each GPT-NeoX layer is one "
-    "call (layer.c: layer norms, the one-row int4/bf16 products of gemv.c, rotary + KV-cache write + fp32 attention "
-    "of attention.c, GELU, residuals), which removed transformers' per-layer small ops; interleaved A/B in one "
-    "process on the 200m GPTQ folder, before this table: 86.9 vs 60.5 tok/s over the previous one-row-linears path "
-    "(1.44x, same greedy tokens). Batch 2-16: the int4 layers run on AMX tiles (amx.c) instead of gptqmodel's "
-    "kernel, which is bound by its arithmetic there (3b:layers=2, batch 8, under the profiler: 66 ms of a 102 ms "
-    "step, about 3 GB/s of int4 codes; a vdpbf16ps eight-row kernel measured the same 2.5-3.3 GB/s, AMX 6.9-9.0 "
-    "GB/s); interleaved A/B, batch 8: 105.9 vs 70.1 tok/s (3b:layers=2, 1.51x), 208.9 vs 174.4 (200m, 1.20x). "
-    "bf16 batches and prefill keep oneDNN.",
+    "and gptqmodel's kernels only, in the same rounds): each GPT-NeoX layer of a decode step is one call (layer.c: "
+    "layer norms, the products, rotary + KV-cache write + fp32 attention of attention.c, GELU, residuals); at batch "
+    "1 the products are gemv.c's one-row int4/bf16 kernels (1.44x over the one-row linears alone, 200m GPTQ), at "
+    "batch 2-16 amx.c's AMX tile products, int4 (gptqmodel's kernel is bound by its arithmetic there: 66 ms of a "
+    "102 ms step at 3b:layers=2, batch 8) and, since the previous table, bf16 (oneDNN's call costs about as much to "
+    "set up as a product of eight rows); attention.c takes every row of the batch with its own rotary angles and "
+    "padding mask. Since the previous table, too, a decode step whose layers all run on layer.c skips transformers' "
+    "model forward (quantkit/decode_step.py: embedding, rotary table, padding mask, final norm, head). Interleaved "
+    "A/B before this table on the 200m folders (5 rounds, medians): batch-8 decode 284 vs 217 tok/s (GPTQ, 1.31x) "
+    "and 356 vs 165 (bf16, 2.15x) over the previous table's code; decode_step alone 1.17x at batch 1 and 1.06x at "
+    "batch 8 (in one process, 6 rounds).",
     "Profile with these kernels (benchmarks/profile_gptq_decode.py, 200m GPTQ folder, 2 threads, ms/step under the "
-    "profiler): batch 1, 14.8 ms: layer kernel 42 %, LM head (bf16 50688 x 1024, 104 of the 157 MB a step reads) "
-    "36 %, the rest of transformers' forward (embedding, final norm, mask and rotary tables, module calls) 17 %, "
-    "the runner outside the forward 4 %. Batch 8, 43.7 ms: int4 linears (AMX) 36 %, LM head 21 %, attention "
-    "without its linears (transformers' module and PyTorch's flash kernel) 25 %, GELU 4 %, rest 10 %, runner 3 %.",
-    "Where the rest belongs: at batch 1 the LM head is read at the bf16 kernel's 19-24 GB/s and a sixth of the step "
-    "is transformers' model-level work per step (masks built over the whole cache, rotary tables, output objects): "
-    "a compiled decode graph, or a fused decode loop in transformers' GPT-NeoX, would remove it. At batch 8 "
-    "attention is transformers' module around PyTorch's flash kernel (vLLM's CPU build runs its own paged attention "
-    "kernel); a batched variant of attention.c is the next step here. The bf16 path at batch 8 on 200m ran 0.86x / "
-    "0.88x its -library twin in both rounds (DecodeLinear and DecodeLayer hand those rows to the same modules), "
-    "which is not explained yet; the table's dense batch-8 verdict takes the faster of the two.",
+    "profiler, which inflates the small ops): batch 1, 12.9 ms: layer kernel 45 %, LM head (bf16 50688 x 1024, 104 "
+    "of the 157 MB a step reads) 35 %, the rest of the step (embedding, rotary table, mask, final norm) 15 %, the "
+    "runner outside the forward 5 %. Timed without the profiler (perf_counter per part, median of 64 steps): layers "
+    "4.44 ms (53 MB of int4 codes), LM head 3.65 ms, the rest 0.46 ms. Batch 8, 28.3 ms: layer kernel 71 %, LM head "
+    "18 %, rest 7 %, runner 4 %.",
+    "Where the rest belongs: at batch 1 the int4 products are bound by the vector work of widening the codes "
+    "(gemv.c reads 11-15 GB/s of codes; the same loop that only loads the codes reads 36 GB/s, and unpacking them "
+    "without the dot products 32 GB/s) and the LM head by memory (24 GB/s from DRAM in a one-row product after a "
+    "300 MB flush; more where it stays in the 300 MiB L3). Tried and not kept: two accumulators per row, longer "
+    "prefetch distances (no change), widening a whole chunk before the tile loads in amx.c (no change) and packing "
+    "two groups into one AMX accumulator tile (slower: the permutes cost more than the group read-outs they save).",
     "vLLM's prefill leads quantkit's GPTQ backend (bf16 GEMMs through oneDNN with AMX in its CPU build; "
     "quantkit's GPTQ prefill goes through gptqmodel's kernel per linear).",
     "Roofline: decode weight bytes per step (every weight but the input embedding table) x steps/s / copy-test "
