@@ -23,7 +23,8 @@ from quantkit.shapes import STABLELM_TOKENIZER
 # tiny._heldout_perplexity on its saved checkpoint). The committed model must beat that threefold.
 PREVIOUS_MODEL_HELDOUT_PERPLEXITY = 355.8
 MAX_WEIGHT_BYTES = 16 * 2**20  # the one file allowed past the 5 MB rule
-SHORT_RUN = tiny.Settings(vocab=512, hidden=64, layers=1, heads=2, context=64, batch=8, steps=40, lr=1e-2, warmup=4)
+SHORT_RUN = tiny.Settings(vocab=512, hidden=64, layers=1, heads=2, context=64, batch=8, steps=40, lr=1e-2, warmup=4,
+                          weight_decay=0.0, bf16=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
