@@ -188,7 +188,24 @@ def summarize(samples: dict[str, list[dict]], bandwidth_gbs: float) -> dict[str,
     return rows
 
 
-def verdicts(rows: dict[str, dict]) -> dict:
+def round_ratios(samples: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """Per round, quantkit's best decode over vLLM's best, per format and batch (blocks of one round ran side by
+    side, so these ratios hold even when the host's speed swings between rounds)."""
+    ratios: dict[str, list[float]] = {}
+    rounds = max(len(results) for results in samples.values())
+    for fmt in ("gptq", "dense"):
+        for batch in (1, 8):
+            for round_ in range(rounds):
+                best = {engine: max((r[round_][f"decode_{batch}"] for p, r in samples.items()
+                                     if p in table and table[p][0] == fmt and round_ < len(r)
+                                     and "error" not in r[round_]), default=None)
+                        for engine, table in (("quantkit", QUANTKIT), ("vllm", VLLM))}
+                if best["quantkit"] and best["vllm"]:
+                    ratios.setdefault(f"{fmt}/{batch}", []).append(best["quantkit"] / best["vllm"])
+    return ratios
+
+
+def verdicts(rows: dict[str, dict], samples: dict[str, list[dict]]) -> dict:
     """Best path per engine, format and batch; (a) quantkit's best >= vLLM's best; (b) GPTQ batch 1 >= 50 %."""
     best: dict = {}
     ok = {path: row for path, row in rows.items() if "error" not in row}
@@ -207,6 +224,7 @@ def verdicts(rows: dict[str, dict]) -> dict:
             if q and v:
                 result["quantkit_at_least_vllm"][f"{fmt}/{batch}"] = {"ratio": q["tok_s"] / v["tok_s"],
                                                                       "met": q["tok_s"] >= v["tok_s"]}
+    result["per_round"] = round_ratios(samples)
     folder = ok.get("gptq-bf16", {})  # (b) reads the GPTQ folder's bytes: onnx-int4 graphs hold an fp32 LM head
     fastest = best.get("gptq/1/quantkit")
     if fastest and "roofline_pct_1" in folder:
@@ -237,7 +255,8 @@ def shape_table(spec: str, rows: dict[str, dict], verdict: dict) -> list[str]:
         best_q, best_v = verdict["best"][f"{key}/quantkit"], verdict["best"][f"{key}/vllm"]
         lines.append(f"- {fmt} batch {batch}: quantkit best {best_q['path']} {best_q['tok_s']:.1f}, vLLM best "
                      f"{best_v['path']} {best_v['tok_s']:.1f} tok/s: {q['ratio']:.2f}x, "
-                     f"target (a) {'met' if q['met'] else 'MISSED'}")
+                     f"target (a) {'met' if q['met'] else 'MISSED'}; per round "
+                     + " / ".join(f"{r:.2f}x" for r in verdict["per_round"].get(key, [])))
     if "gptq_roofline_b1" in verdict:
         g = verdict["gptq_roofline_b1"]
         lines.append(f"- GPTQ decode batch 1: {g['path']} at {g['pct']:.0f} % of the GPTQ folder's roofline, "
@@ -245,9 +264,9 @@ def shape_table(spec: str, rows: dict[str, dict], verdict: dict) -> list[str]:
     return lines
 
 
-def write_tables(report: dict) -> None:
+def write_tables(report: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     s = report["settings"]
     lines = ["# quantkit vs vLLM CPU on the same artifact folders (decode, prefill, TTFT, memory, roofline)\n",
              f"Machine: {report['machine_line']}; vLLM {report.get('vllm_version', '?')}.\n",
@@ -264,18 +283,10 @@ def write_tables(report: dict) -> None:
     for spec, shape in report["shapes"].items():
         lines += shape_table(spec, shape["rows"], shape["verdicts"])
     lines += ["\n## Notes\n", *[f"- {note}" for note in report["notes"]]]
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-NOTES = [
-    "No other job of ours ran during the measurement, but the machine is shared with other tenants and was busy in "
-    "this sitting: the copy test read 23.9-25.2 GB/s (33.1 GB/s in the sitting before) and the same block ran up to "
-    "2.1x faster in one round than in the other (vllm-gptq-bf16 at 3b:layers=2, batch 1: 17.9 and 8.7 tok/s), so "
-    "quote the ratios of paths measured next to each other. Per round (round 1 / round 2), quantkit's best / vLLM's "
-    "best decode: 200m GPTQ 2.55x / 1.94x (batch 1), 1.64x / 1.26x (batch 8); 200m dense 2.67x / 1.46x, 1.83x / "
-    "1.08x; 3b:layers=2 GPTQ 1.44x / 2.14x, 2.00x / 1.87x; dense 2.23x / 3.26x, 1.88x / 3.01x. The same folders on "
-    "the libraries' kernels only (-library rows): gptq-bf16 2.27x / 1.47x at batch 1 and 2.03x / 1.46x at batch 8 "
-    "(200m), 1.37x / 1.92x and 2.28x / 1.71x (3b:layers=2); torch-bf16 2.88x / 2.17x and 2.09x / 1.73x (200m).",
+NOTES = [  # how every sitting is measured; what one sitting saw goes in with --notes
     "Weights are random (seeded presets) with the real StableLM tokenizer; GPTQ folders are RTN-quantized (the "
     "same packed layout as GPTQ, so the same speed).",
     "OpenMP on a shared machine: torch's threads spin at each parallel region's barrier by default; with other "
@@ -286,42 +297,20 @@ NOTES = [
     "The roofline columns count each path's own decode bytes: onnx-int4 graphs keep the LM head in fp32 (250 vs "
     "149 MiB at 200m, 998 vs 596 MiB at 3b:layers=2), so target (b) reads the fastest GPTQ path's tok/s against "
     "the GPTQ folder's bytes. A busy host lowers both the copy test and the decode rate: read the percentage with "
-    "the sitting's bandwidth (25.2 GB/s here, 33.1 GB/s in the sitting before).",
-    "Fixed in quantkit since the first table (each measured interleaved in one process on the 200m GPTQ folder): "
-    "attention on CPU is one call to PyTorch's flash-attention kernel, which keeps scores "
-    "and softmax in fp32 for bf16 inputs, instead of upcasting q and the whole K cache each step (1.13x decode at "
-    "batch 1 and 8; bf16 rounds differently, nearer fp64 attention); the PyTorch backend's KV cache is preallocated "
-    "and filled in place instead of transformers' DynamicCache concatenating every layer's cache each step (1.10x at "
-    "batch 8, neutral at batch 1, same tokens).",
+    "the sitting's bandwidth.",
     "quantkit's CPU decode kernels (quantkit/native, AVX512-BF16; the -library rows are the same folders on torch's "
     "and gptqmodel's kernels only, in the same rounds): each GPT-NeoX layer of a decode step is one call (layer.c: "
-    "layer norms, the products, rotary + KV-cache write + fp32 attention of attention.c, GELU, residuals); at batch "
-    "1 the products are gemv.c's one-row int4/bf16 kernels (1.44x over the one-row linears alone, 200m GPTQ), at "
-    "batch 2-16 amx.c's AMX tile products, int4 (gptqmodel's kernel is bound by its arithmetic there: 66 ms of a "
-    "102 ms step at 3b:layers=2, batch 8) and, since the previous table, bf16 (oneDNN's call costs about as much to "
-    "set up as a product of eight rows); attention.c takes every row of the batch with its own rotary angles and "
-    "padding mask. Since the previous table, too, a decode step whose layers all run on layer.c skips transformers' "
-    "model forward (quantkit/decode_step.py: embedding, rotary table, padding mask, final norm, head). Interleaved "
-    "A/B before this table on the 200m folders (5 rounds, medians): batch-8 decode 284 vs 217 tok/s (GPTQ, 1.31x) "
-    "and 356 vs 165 (bf16, 2.15x) over the previous table's code; decode_step alone 1.17x at batch 1 and 1.06x at "
-    "batch 8 (in one process, 6 rounds).",
-    "Profile with these kernels (benchmarks/profile_gptq_decode.py, 200m GPTQ folder, 2 threads, ms/step under the "
-    "profiler, which inflates the small ops): batch 1, 12.9 ms: layer kernel 45 %, LM head (bf16 50688 x 1024, 104 "
-    "of the 157 MB a step reads) 35 %, the rest of the step (embedding, rotary table, mask, final norm) 15 %, the "
-    "runner outside the forward 5 %. Timed without the profiler (perf_counter per part, median of 64 steps): layers "
-    "4.44 ms (53 MB of int4 codes), LM head 3.65 ms, the rest 0.46 ms. Batch 8, 28.3 ms: layer kernel 71 %, LM head "
-    "18 %, rest 7 %, runner 4 %.",
-    "Where the rest belongs: at batch 1 the int4 products are bound by the vector work of widening the codes "
-    "(gemv.c reads 11-15 GB/s of codes; the same loop that only loads the codes reads 36 GB/s, and unpacking them "
-    "without the dot products 32 GB/s) and the LM head by memory (24 GB/s from DRAM in a one-row product after a "
-    "300 MB flush; more where it stays in the 300 MiB L3). Tried and not kept: two accumulators per row, longer "
-    "prefetch distances (no change), widening a whole chunk before the tile loads in amx.c (no change) and packing "
-    "two groups into one AMX accumulator tile (slower: the permutes cost more than the group read-outs they save).",
-    "vLLM's prefill leads quantkit's GPTQ backend (bf16 GEMMs through oneDNN with AMX in its CPU build; "
-    "quantkit's GPTQ prefill goes through gptqmodel's kernel per linear).",
+    "layer norms, the products, rotary + KV-cache write + fp32 attention, GELU, residuals); at batch 1 the products "
+    "are gemv.c's one-row int4/bf16 kernels, at batch 2-16 amx.c's AMX tile products where the CPU has AMX "
+    "(elsewhere gptqmodel's and torch's kernels); a decode step whose layers all run on layer.c skips transformers' "
+    "model forward (quantkit/decode_step.py).",
     "Roofline: decode weight bytes per step (every weight but the input embedding table) x steps/s / copy-test "
     "bandwidth. vLLM paths use the bytes quantkit's backend counts for the same folder and dtype.",
 ]
+
+
+def sitting_notes(path: Path | None) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()] if path else []
 
 
 def vllm_version() -> str:
@@ -342,6 +331,8 @@ def main() -> None:
                              "threads from spinning against other jobs on a shared machine")
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (default: 1)")
     parser.add_argument("--work", type=Path, default=PROJECT / "build" / NAME, help="artifact folders (kept)")
+    parser.add_argument("--name", default=NAME, help=f"table file name under benchmarks/results (default: {NAME})")
+    parser.add_argument("--notes", type=Path, help="a text file of this sitting's notes, one per line, for the table")
     parser.add_argument("--block", help=argparse.SUPPRESS)  # internal: run one quantkit block from a spec file
     args = parser.parse_args()
     if args.block:
@@ -378,12 +369,13 @@ def main() -> None:
     bandwidth_end = copy_bandwidth_gbs("cpu")
     report = {"command": "python -m benchmarks.vllm_side_by_side " + shlex.join(sys.argv[1:]), "machine": info,
               "machine_line": machine_line(info), "vllm_version": vllm_version(), "settings": settings,
-              "bandwidth_gbs": bandwidth, "bandwidth_end_gbs": bandwidth_end, "notes": NOTES, "shapes": {}}
+              "bandwidth_gbs": bandwidth, "bandwidth_end_gbs": bandwidth_end, "shapes": {},
+              "notes": [*NOTES, *sitting_notes(args.notes)]}
     for spec in models:
         rows = summarize(samples[spec], max(bandwidth, bandwidth_end))
-        report["shapes"][spec] = {"rows": rows, "verdicts": verdicts(rows), "samples": samples[spec]}
-    write_tables(report)
-    print((RESULTS / f"{NAME}.md").read_text())
+        report["shapes"][spec] = {"rows": rows, "verdicts": verdicts(rows, samples[spec]), "samples": samples[spec]}
+    write_tables(report, args.name)
+    print((RESULTS / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 At a few rows a GPT-NeoX layer's products are only part of its cost: transformers' module spends about as much again
 on small torch ops (layer norms, rotary slices and concatenations, cache copies, the attention call, GELU, residual
 adds) and the Python between them. `DecodeLayer` sends the rows of a decode step (one new token per sequence: one
-row, or up to 16 where amx.c runs) through layer.c once, over the same weights as the layer's DecodeLinear products
+row, or up to 16) through layer.c once, over the same weights as the layer's DecodeLinear products
 and the same PreallocatedLayer cache; every other input (prefill, larger batches) runs the layer as it is.
 """
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A decode step at batch 1 multiplies one row by every weight, and there the kernels read weights faster than torch's
 bf16 F.linear and gptqmodel's int4 kernel (benchmarks/gemv_bench.py); at a small batch (2-16 rows) gptqmodel's int4
-kernel is bound by its arithmetic and oneDNN's bf16 call costs about as much to set up as the product, and amx.c's
-tile products run those rows where the CPU has AMX. Every other shape (prefill of more than 16 tokens, larger
+kernel is bound by its arithmetic and oneDNN's bf16 call costs about as much to set up as the product, and rows.c's
+products take those rows (on amx.c's tiles where the CPU has AMX). Every other shape (prefill of more than 16 tokens, larger
 batches) runs the layer that was there. Only CPU bf16 models are touched: the int4 layers of 4-bit GPTQ checkpoints
 without act-order, and bf16 nn.Linear layers.
 """
@@ -19,7 +19,7 @@ from quantkit import native
 
 
 class DecodeLinear(torch.nn.Module):
-    """`layer` for every input but the bf16 rows quantkit's products take (one row; up to 16 where AMX runs), which go
+    """`layer` for every input but the bf16 rows quantkit's products take (one row, or up to 16), which go
     to them with the same weights: `weight` (contiguous bf16 [N, K], or the layer's int4 codes as a PackedInt4) and
     `bias` (fp32 or None); fp32 sums."""
 

@@ -157,8 +157,8 @@ def test_logits_match_independent_dequantizer(gptq_folder, heldout_tokens):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_steps_match_independent_dequantizer(gptq_folder, heldout_tokens, batch):
-    """Decode steps within the same bounds: at batch 1 on quantkit's one-row layer kernel, at batch 2 on its AMX
-    int4 product (where each runs)."""
+    """Decode steps within the same bounds: at batch 1 on quantkit's one-row layer kernel, at batch 2 on its few-row
+    int4 product (rows.c, or amx.c's tiles with AMX)."""
     backend = open_gptq(gptq_folder, "cpu")
     assert any(isinstance(m, DecodeLinear) for m in backend.model.modules()) == native.available()
     ids, prompt = heldout_tokens[:batch, :64], 48
@@ -186,6 +186,17 @@ def test_act_order_logits_match_independent_dequantizer(act_order_folder, heldou
     assert not torch.equal(g_idx, torch.arange(len(g_idx), dtype=g_idx.dtype) // GROUP)  # really reordered
     assert torch.equal(torch.bincount(g_idx.long()), torch.full((len(g_idx) // GROUP,), GROUP))
     check_logits(act_order_folder, heldout_tokens)
+
+
+
+def test_per_column_export_matches_independent_dequantizer(tmp_path_factory, heldout_tokens):
+    """group_size -1 (the GPTQ paper's setting: one scale and zero point per output column) exports and runs;
+    gptqmodel's group-aware reordering, on for grouped exports, must be off for it."""
+    folder = export(tmp_path_factory, "gptq-per-column", group_size=-1)
+    tensors = load_file(folder / "model.safetensors")
+    assert tensors["gpt_neox.layers.0.mlp.dense_4h_to_h.scales"].shape[0] == 1
+    assert not tensors["gpt_neox.layers.0.mlp.dense_4h_to_h.g_idx"].any()
+    check_logits(folder, heldout_tokens)
 
 
 # ---- quality ----

@@ -1,4 +1,4 @@
-"""quantkit's one-row CPU kernels (quantkit.native) against fp64 products, and their swap into models."""
+"""quantkit's CPU decode kernels (quantkit.native) against fp64 products, and their swap into models."""
 from __future__ import annotations
 
 import pytest
@@ -27,6 +27,16 @@ def dequantized(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     zeros = (torch.stack([(qzeros >> (4 * i)) & 0xF for i in range(8)], dim=2).reshape(len(qzeros), n) + 1) & 0xF
     group = torch.arange(k) // (k // len(scales))
     return ((codes - zeros[group]).double() * scales.double()[group]).t()
+
+
+@pytest.fixture(params=["avx512", "amx"])
+def rows_kernel(request):
+    """Products of a few rows on rows.c's AVX512-BF16 kernel, then on amx.c's tiles where AMX is granted."""
+    if request.param == "amx" and not native.amx_available():
+        pytest.skip("needs AMX-BF16 (and the OS's grant of tile state)")
+    native.library().qk_set_amx(int(request.param == "amx"))
+    yield request.param
+    native.library().qk_set_amx(int(native.amx_available()))
 
 
 def assert_rounded_product(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -61,10 +71,9 @@ def test_int4_reads_the_zero_point_plus_one():
 
 
 
-@pytest.mark.skipif(not native.amx_available(), reason="needs AMX-BF16 (and the OS's grant of tile state)")
 @pytest.mark.parametrize("n, k, group, rows", [(3072, 1024, 128, 8), (512, 384, 32, 2), (1024, 1024, -1, 16),
-                                               (4096, 4096, 256, 5)])
-def test_int4_tile_product_of_a_few_rows_is_the_rounded_dequantized_product(n, k, group, rows):
+                                               (4096, 4096, 256, 5), (256, 256, 128, 11)])
+def test_int4_product_of_a_few_rows_is_the_rounded_dequantized_product(rows_kernel, n, k, group, rows):
     qweight, qzeros, scales = random_gptq(n, k, group, seed=n + rows)
     x = torch.randn(rows, 1, k, generator=torch.Generator().manual_seed(2)).bfloat16()
     bias = torch.randn(n).float()
@@ -82,9 +91,8 @@ def test_int4_decode_linear_takes_a_small_batch_and_leaves_prefill_to_the_layer(
     exact = dequantized(qweight, qzeros, scales)
     small, prefill = torch.randn(8, 1, 256).bfloat16(), torch.randn(1, 17, 256).bfloat16()
     assert linear(prefill) is prefill and layer_calls == [(1, 17, 256)]
-    if native.amx_available():
-        assert_rounded_product(linear(small)[:, 0], small[:, 0], exact, torch.zeros(256))
-        assert layer_calls == [(1, 17, 256)]
+    assert_rounded_product(linear(small)[:, 0], small[:, 0], exact, torch.zeros(256))  # rows.c (or amx.c)
+    assert layer_calls == [(1, 17, 256)]
     assert_rounded_product(linear(small[:1])[0], small[0], exact, torch.zeros(256))  # one row: gemv.c
 
 @pytest.mark.parametrize("n, k", [(50688, 1024), (4096 + 3, 4096), (7, 32)])
@@ -95,9 +103,11 @@ def test_bf16_product_is_the_rounded_product(n, k):
     assert_rounded_product(native.bf16_linear(x, weight, bias), x, weight.double(), bias)
 
 
-@pytest.mark.skipif(not native.amx_available(), reason="needs AMX-BF16 (and the OS's grant of tile state)")
-@pytest.mark.parametrize("n, k, rows", [(50688, 1024, 8), (3072, 1024, 2), (1024, 4096, 16), (16, 32, 5)])
-def test_bf16_tile_product_of_a_few_rows_is_the_rounded_product(n, k, rows):
+@pytest.mark.parametrize("n, k, rows", [(50688, 1024, 8), (3072, 1024, 2), (1024, 4096, 16), (16, 32, 5),
+                                        (4099, 256, 13)])
+def test_bf16_product_of_a_few_rows_is_the_rounded_product(rows_kernel, n, k, rows):
+    if rows_kernel == "amx" and n % 16:
+        pytest.skip("amx.c takes weights of a multiple of 16 rows")
     generator = torch.Generator().manual_seed(n + rows)
     weight = torch.randn(n, k, generator=generator).bfloat16()
     x, bias = torch.randn(rows, 1, k, generator=generator).bfloat16(), torch.randn(n, generator=generator)
@@ -116,9 +126,8 @@ def test_decode_linear_takes_a_few_rows_and_leaves_the_rest_to_the_layer():
         patch.setattr(native, "bf16_linear", lambda x, *rest: calls.append(x.shape) or product(x, *rest))
         assert torch.equal(model[0](many), linear(many)) and calls == []  # 18 rows: the layer's own kernel
         assert_rounded_product(model[0](one)[0], one[0], linear.weight.double(), linear.bias.float())
-        if native.amx_available():
-            assert_rounded_product(model[0](few)[:, 0], few[:, 0], linear.weight.double(), linear.bias.float())
-    assert calls == [(1, 1, 64)] + [(4, 1, 64)] * native.amx_available()
+        assert_rounded_product(model[0](few)[:, 0], few[:, 0], linear.weight.double(), linear.bias.float())
+    assert calls == [(1, 1, 64), (4, 1, 64)]
 
 
 def test_turned_off_by_the_environment(monkeypatch):
@@ -190,7 +199,7 @@ def test_decode_attention_is_fp32_attention_over_the_cache(rows, heads, head_dim
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decode_layer_runs_the_decode_steps_of_every_layer(batch):
-    """In a bf16 GPT-NeoX model layer.c runs every layer's decode steps (one row; with AMX, a few left-padded rows)
+    """In a bf16 GPT-NeoX model layer.c runs every layer's decode steps (one row or a few left-padded rows)
     and decode_step the rest of the step (prefill stays with transformers), and teacher-forced decode logits stay as
     close to the fp32 model's as transformers' own bf16 layers keep them."""
     from quantkit.backends import open_backend
@@ -218,9 +227,8 @@ def test_decode_layer_runs_the_decode_steps_of_every_layer(batch):
                 steps.append(step[:, -1])
         logits[name] = torch.stack(steps)
         if name == "fused":
-            taken = batch == 1 or native.amx_available()
-            assert calls == [t for t in range(40, 72) for _ in layers] * taken
-            assert len(model_calls) == 1 + 32 * (not taken)  # the prefill; decode steps only where not taken
+            assert calls == [t for t in range(40, 72) for _ in layers]
+            assert len(model_calls) == 1  # the prefill only
     fused_error = (logits["fused"] - logits["exact"]).abs().mean()
     plain_error = (logits["plain"] - logits["exact"]).abs().mean()
     assert fused_error <= 1.25 * plain_error, (fused_error, plain_error)

@@ -27,7 +27,7 @@ def artifact_kind(spec: str) -> str:
 def open_backend(spec: str, dtype: str | None = None, device: str | None = None, native_kernels: bool = True
                  ) -> Backend:
     """The runner backend for `spec`; `dtype` (fp32/fp16/bf16) applies to the PyTorch path; `native_kernels`: decode
-    steps (batch 1; up to 16 with AMX) of bf16/GPTQ models on quantkit's CPU kernels where they run
+    steps (batch 1 to 16) of bf16/GPTQ models on quantkit's CPU kernels where they run
     (quantkit.decode_kernels)."""
     kind = artifact_kind(spec)
     if kind == "onnx":

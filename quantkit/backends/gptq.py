@@ -39,7 +39,7 @@ def kernel_override(quantization: dict, device: str) -> dict:
 
 def open_gptq(folder: Path, device: str | None = None, native_kernels: bool = True) -> TorchBackend:
     """The runner backend for a GPTQ artifact folder (config.json with quantization_config); `native_kernels`:
-    decode steps (batch 1; up to 16 with AMX) on quantkit's CPU kernels where they run (quantkit.decode_kernels)."""
+    decode steps (batch 1 to 16) on quantkit's CPU kernels where they run (quantkit.decode_kernels)."""
     device = device or default_device()
     quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
     if quantization.get("bits") not in BITS:

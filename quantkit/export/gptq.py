@@ -224,9 +224,9 @@ def quantize_config(options: GptqOptions, config: GPTNeoXConfig, device: str, of
     if options.method == "rtn":
         kwargs["weight_only"] = {"method": "rtn"}
     else:
-        # gptqmodel's group-aware reordering cannot be combined with act-order (it turns it off with a warning).
+        # gptqmodel's group-aware reordering needs groups and cannot be combined with act-order.
         kwargs.update(true_sequential=options.true_sequential, damp_percent=options.damp,
-                      act_group_aware=not options.desc_act)
+                      act_group_aware=not options.desc_act and options.group_size != -1)
     return QuantizeConfig(**kwargs)
 
 

@@ -1,6 +1,7 @@
-"""quantkit's own CPU kernels for decode steps: gemv.c (bf16 and GPTQ int4 products of one row), amx.c (the same
-products of 2-16 rows, a small decode batch, on AMX tiles where the CPU has AMX-BF16), attention.c (GPT-NeoX attention
-of each row over the KV cache) and layer.c (a whole GPT-NeoX layer of those rows on them).
+"""quantkit's own CPU kernels for decode steps: gemv.c (bf16 and GPTQ int4 products of one row), rows.c (the same
+products of 2-16 rows, a small decode batch, with AVX512-BF16 dot products) and amx.c (those on AMX tiles, which
+rows.c sends them to where the CPU has AMX-BF16), attention.c (GPT-NeoX attention of each row over the KV cache) and
+layer.c (a whole GPT-NeoX layer of those rows on them).
 
 Compiled on first use with the system C compiler into the cache folder (about a second), only where the CPU
 has AVX512-BF16; elsewhere `available()` is False and the backends keep torch's and gptqmodel's kernels.
@@ -24,13 +25,13 @@ import torch
 from quantkit.paths import atomic_write, cache_dir
 
 FOLDER = Path(__file__).parent
-SOURCES = tuple(FOLDER / name for name in ("gemv.c", "attention.c", "layer.c", "amx.c"))
+SOURCES = tuple(FOLDER / name for name in ("gemv.c", "rows.c", "attention.c", "layer.c", "amx.c"))
 HEADERS = (FOLDER / "bf16.h", FOLDER / "int4.h")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16", "-fopenmp",
          "-shared", "-fPIC")
 CPU_FLAGS_NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 AMX_FLAGS = {"amx_tile", "amx_bf16"}
-MAX_TILE_ROWS = 16  # rows of x amx.c takes
+MAX_ROWS = 16  # rows of x rows.c and amx.c take
 MAX_GROUPS = 512  # gemv.c's limit on K / group
 # The input (within a 128-input unit) whose code sits in the low nibble of each of the unit's 64 bytes (gemv.c's
 # layout: byte 16*L + i holds 8*L + i for i < 8, 32 + 8*L + i - 8 for i >= 8; the high nibble holds that + 64).
@@ -77,27 +78,34 @@ def library() -> ctypes.CDLL | None:
     lib.qk_int4_gemv.argtypes = [pointer, pointer, pointer, pointer, integer, integer, integer, pointer, pointer]
     lib.qk_decode_attention.argtypes = [pointer, integer, pointer, pointer, integer, integer, integer, pointer, pointer,
                                         integer, integer, pointer, integer, real, pointer]
-    lib.qk_int4_gemm_amx.argtypes = [pointer, integer, pointer, pointer, pointer, integer, integer, integer, pointer,
-                                     pointer]
-    lib.qk_bf16_gemm_amx.argtypes = [pointer, integer, pointer, integer, integer, pointer, pointer]
+    lib.qk_int4_gemm.argtypes = [pointer, integer, pointer, pointer, pointer, integer, integer, integer, pointer,
+                                 pointer]
+    lib.qk_bf16_gemm.argtypes = [pointer, integer, pointer, integer, integer, pointer, pointer]
+    lib.qk_set_amx.argtypes = [integer]
+    lib.qk_set_amx(int(amx_granted(lib)))
     lib.qk_decode_layer.argtypes = [ctypes.POINTER(Layer), pointer, integer, pointer, pointer, pointer, pointer, integer,
                                     integer, pointer, integer]
     return lib
 
 
+def amx_granted(lib: ctypes.CDLL) -> bool:
+    """Whether the CPU has AMX-BF16 and the OS grants this process tile state."""
+    return AMX_FLAGS <= cpu_flags() and lib.qk_amx_enable() == 0
+
+
 @functools.cache
 def amx_available() -> bool:
-    """Whether amx.c runs here: the kernels load, the CPU has AMX-BF16 and the OS grants this process tile state."""
-    return available() and AMX_FLAGS <= cpu_flags() and library().qk_amx_enable() == 0
+    """Whether amx.c runs here: the kernels load and AMX is granted."""
+    return available() and amx_granted(library())
 
 
 def takes_rows(x: torch.Tensor, out_features: int) -> bool:
-    """Whether the products take `x` for a weight of `out_features` rows: bf16 rows on the CPU, one (gemv.c) or,
-    with AMX, up to MAX_TILE_ROWS (amx.c, out_features a multiple of 16)."""
+    """Whether the products take `x` for a weight of `out_features` rows: bf16 rows on the CPU, one (gemv.c) or up
+    to MAX_ROWS (rows.c; on amx.c where AMX runs, which needs out_features a multiple of 16)."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu":
         return False
     rows = x.numel() // x.shape[-1]
-    return rows == 1 or (rows <= MAX_TILE_ROWS and out_features % 16 == 0 and amx_available())
+    return rows == 1 or (rows <= MAX_ROWS and (out_features % 16 == 0 or not amx_available()))
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:
@@ -114,7 +122,7 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if rows == 1:
         library().qk_bf16_gemv(x.data_ptr(), weight.data_ptr(), n, k, _address(bias), out.data_ptr())
     else:
-        library().qk_bf16_gemm_amx(x.data_ptr(), rows, weight.data_ptr(), n, k, _address(bias), out.data_ptr())
+        library().qk_bf16_gemm(x.data_ptr(), rows, weight.data_ptr(), n, k, _address(bias), out.data_ptr())
     return out
 
 
@@ -171,7 +179,7 @@ def int4_linear(x: torch.Tensor, weight: PackedInt4, bias: torch.Tensor | None) 
         library().qk_int4_gemv(x.data_ptr(), weight.codes.data_ptr(), weight.scales.data_ptr(),
                                weight.zeros.data_ptr(), n, k, weight.group, _address(bias), out.data_ptr())
     else:
-        library().qk_int4_gemm_amx(x.data_ptr(), rows, weight.codes.data_ptr(), weight.scales.data_ptr(),
+        library().qk_int4_gemm(x.data_ptr(), rows, weight.codes.data_ptr(), weight.scales.data_ptr(),
                                    weight.zeros.data_ptr(), n, k, weight.group, _address(bias), out.data_ptr())
     return out
 

@@ -1,6 +1,6 @@
 /* One GPT-NeoX layer (parallel residual, as StableLM-Alpha) for the rows of a decode step, in one call:
  *   out = bf16(bf16(mlp(ln2(x)) + attention(ln1(x))) + x),  mlp(h) = fc2(gelu(fc1(h))),
- * the products on gemv.c's kernels (one row) or amx.c's (2-16 rows), the attention on attention.c's.
+ * the products on gemv.c's kernels (one row) or rows.c's (2-16 rows), the attention on attention.c's.
  *
  * Why hand-written: at a few rows the products are a small part of what transformers' modules do per layer; the two
  * layer norms, GELU, residual adds, views, module calls and the Python between them cost about as much as the
@@ -20,9 +20,9 @@
 void qk_bf16_gemv(const uint16_t *x, const uint16_t *w, int N, int K, const float *bias, uint16_t *y);
 void qk_int4_gemv(const uint16_t *x, const uint8_t *q, const float *scales, const uint8_t *zeros, int N, int K,
                   int group, const float *bias, uint16_t *y);
-void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *scales, const uint8_t *zeros, int N,
-                      int K, int group, const float *bias, uint16_t *y);
-void qk_bf16_gemm_amx(const uint16_t *x, int M, const uint16_t *w, int N, int K, const float *bias, uint16_t *y);
+void qk_int4_gemm(const uint16_t *x, int M, const uint8_t *q, const float *scales, const uint8_t *zeros, int N, int K,
+                  int group, const float *bias, uint16_t *y);
+void qk_bf16_gemm(const uint16_t *x, int M, const uint16_t *w, int N, int K, const float *bias, uint16_t *y);
 void qk_decode_attention(const uint16_t *qkv, int M, const uint16_t *cos, const uint16_t *sin, int H, int D, int R,
                          uint16_t *keys, uint16_t *values, int capacity, int position, const uint16_t *mask,
                          int mask_stride, float scaling, uint16_t *out);
@@ -42,17 +42,17 @@ typedef struct {
     float eps, scaling;
 } qk_layer;
 
-/* y[M, N] = x[M, K] W^T (+ bias): one row on gemv.c, more on amx.c (N a multiple of 16 there). */
+/* y[M, N] = x[M, K] W^T (+ bias): one row on gemv.c, more on rows.c. */
 static void product(const qk_linear *l, const uint16_t *x, int M, uint16_t *y) {
     const int N = l->out_features, K = l->in_features;
     if (l->scales && M == 1)
         qk_int4_gemv(x, (const uint8_t *)l->weight, l->scales, l->zeros, N, K, l->group, l->bias, y);
     else if (l->scales)
-        qk_int4_gemm_amx(x, M, (const uint8_t *)l->weight, l->scales, l->zeros, N, K, l->group, l->bias, y);
+        qk_int4_gemm(x, M, (const uint8_t *)l->weight, l->scales, l->zeros, N, K, l->group, l->bias, y);
     else if (M == 1)
         qk_bf16_gemv(x, (const uint16_t *)l->weight, N, K, l->bias, y);
     else
-        qk_bf16_gemm_amx(x, M, (const uint16_t *)l->weight, N, K, l->bias, y);
+        qk_bf16_gemm(x, M, (const uint16_t *)l->weight, N, K, l->bias, y);
 }
 
 static void layer_norm(const uint16_t *x, int n, const float *weight, const float *bias, float eps, uint16_t *out) {
@@ -73,7 +73,7 @@ static void gelu(uint16_t *x, int n) {
 }
 
 /* hidden [M][hidden] bf16 is read and overwritten with the layer's output; keys, values, cos, sin, mask and position
- * as in qk_decode_attention; M at most 16, and above 1 only on CPUs with AMX. */
+ * as in qk_decode_attention; M at most 16. */
 void qk_decode_layer(const qk_layer *L, uint16_t *hidden, int M, const uint16_t *cos, const uint16_t *sin,
                      uint16_t *keys, uint16_t *values, int capacity, int position, const uint16_t *mask,
                      int mask_stride) {
