@@ -1,12 +1,13 @@
-"""What quantization costs the committed tiny StableLM: GPTQ vs round-to-nearest at 4 and 3 bits and two group
-sizes, and the int4 ONNX export with int8 activations (W4A8), on the held-out split (a script, not a test).
+"""What quantization costs the committed tiny StableLM: GPTQ vs round-to-nearest at 4 and 3 bits and several
+group sizes (per column too, the GPTQ paper's setting), and the int4 ONNX export with int8 activations (W4A8), on
+the held-out split (a script, not a test).
 
 Every variant is exported by quantkit's own exporters (GPTQ calibrated as the tiny recipes are: 64 chat-format
 samples of 256 tokens from `tiny-train`) and scored against the fp32 model by the shared evaluator: held-out token
 perplexity, its change, mean KL divergence and top-1 agreement on the same windows. Quality only: the figures do
 not depend on the machine's load.
 
-    python -m benchmarks.tiny_quality [--groups 128 32] [--data tiny-heldout] [--stride 64]
+    python -m benchmarks.tiny_quality [--groups 128 32 -1] [--data tiny-heldout] [--stride 64]
 """
 from __future__ import annotations
 
@@ -32,16 +33,21 @@ def gptq_options(method: str, bits: int, group_size: int) -> GptqOptions:
                        calib_seqlen=256, device="cpu")
 
 
+def group_label(group: int) -> str:
+    return "per-column" if group == -1 else f"g{group}"
+
+
 def export_variants(groups: list[int], work: Path) -> dict[str, Path]:
     """Every GPTQ/RTN variant at every group size, then the W4A8 ONNX export of the first 4-bit GPTQ one."""
     folders: dict[str, Path] = {}
     for group in groups:
         for name, (method, bits) in VARIANTS.items():
-            folders[f"{name} g{group}"] = export_gptq(REFERENCE, work / f"{name}-g{group}",
-                                                      gptq_options(method, bits, group))
+            folders[f"{name} {group_label(group)}"] = export_gptq(REFERENCE, work / f"{name}-{group_label(group)}",
+                                                                   gptq_options(method, bits, group))
+    first = group_label(groups[0])
     w4a8 = Int4Options(dtype="fp32", accuracy_level=4)
-    folders[f"onnx-int4 w4a8 g{groups[0]}"] = export_onnx_int4(str(folders[f"gptq4 g{groups[0]}"]),
-                                                               work / "onnx-int4-w4a8", w4a8)
+    folders[f"onnx-int4 w4a8 {first}"] = export_onnx_int4(str(folders[f"gptq4 {first}"]), work / "onnx-int4-w4a8",
+                                                          w4a8)
     return folders
 
 
@@ -80,7 +86,7 @@ def write_tables(rows: dict[str, dict], request: EvalRequest, info: dict, comman
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--groups", nargs="+", type=int, default=[128, 32])
+    parser.add_argument("--groups", nargs="+", type=int, default=[128, 32, -1], help="group sizes (-1: per column)")
     parser.add_argument("--data", default="tiny-heldout")
     parser.add_argument("--stride", type=int, default=64)
     args = parser.parse_args()
