@@ -12,6 +12,7 @@ vLLM runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0: its RSS is the block's, 
 without prefix caching, with a small CPU KV cache; both engines get the same thread count.
 
     python -m benchmarks.vllm_side_by_side [--quick] [--threads 2] [--rounds 2] [--work build/vllm-side-by-side]
+        [--name vllm_side_by_side_epyc] [--notes NOTES.txt]   (a table per CPU; the sitting's notes, one per line)
 """
 from __future__ import annotations
 
