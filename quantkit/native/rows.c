@@ -20,8 +20,8 @@
 #include "bf16.h"
 #include "int4.h"
 
-#define ROWS_PER_PASS 8  /* rows of x per pass over the weights: 8 x 2 bf16 sums, or 8 int4 sums + 8 totals */
-#define BF16_WEIGHT_ROWS 2
+#define ROWS_PER_PASS 8  /* rows of x per pass over the weights: 3 x 8 bf16 sums, or 8 int4 sums + 8 totals */
+#define BF16_WEIGHT_ROWS 3  /* 3 x 8 sums + 3 weight vectors + x: 28 of the 32 registers */
 
 void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *scales, const uint8_t *zeros, int N,
                       int K, int group, const float *bias, uint16_t *y);
