@@ -21,6 +21,8 @@ static inline uint16_t to_bf16(float value) {
     return (uint16_t)(bits >> 16);
 }
 
+static inline __m512bh load_bf16(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
+
 static inline __m512 widen(const uint16_t *p) { /* 16 bf16 -> 16 fp32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }

@@ -26,8 +26,6 @@
 #define ROWS 4          /* weight rows in flight per thread; the next ROWS rows are prefetched meanwhile */
 #define MAX_GROUPS 512  /* K / group */
 
-static inline __m512bh load_bf16(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
-
 static inline __attribute__((always_inline)) void bf16_rows(
     const uint16_t *restrict x, const uint16_t *restrict w, const int R, int n0, int K, const float *restrict bias,
     uint16_t *restrict y) {
@@ -88,13 +86,9 @@ static inline __attribute__((always_inline)) void int4_rows(
  * multiple of 128, group a multiple of 32 dividing K, K / group at most MAX_GROUPS. */
 void qk_int4_gemv(const uint16_t *x, const uint8_t *q, const float *scales, const uint8_t *zeros, int N, int K,
                   int group, const float *bias, uint16_t *y) {
-    const int G = K / group, blocks = N / ROWS;
+    const int blocks = N / ROWS;
     float xsum[MAX_GROUPS];
-    for (int g = 0; g < G; g++) {
-        __m512 sum = _mm512_setzero_ps();
-        for (int k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen(x + k));
-        xsum[g] = _mm512_reduce_add_ps(sum);
-    }
+    group_sums(x, K, group, xsum);
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) int4_rows(x, xsum, q, scales, zeros, b * ROWS, K, group, bias, y);
 }

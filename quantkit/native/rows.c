@@ -32,8 +32,6 @@ static int rows_on_amx = 0;
 /* Python sets this once, when it has checked the CPU's AMX-BF16 flag and the OS's grant of tile state. */
 void qk_set_amx(int on) { rows_on_amx = on; }
 
-static inline __m512bh load_bf16(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
-
 /* y[m, n0..n0+R-1] for M rows of x (M <= ROWS_PER_PASS, a constant where inlined). */
 static inline __attribute__((always_inline)) void bf16_pass(const uint16_t *restrict x, const int M,
                                                             const uint16_t *restrict w, int n0, const int R, int N,
@@ -119,12 +117,7 @@ static void int4_gemm_avx512(const uint16_t *x, int M, const uint8_t *q, const f
                              int N, int K, int group, const float *bias, uint16_t *y) {
     const int G = K / group;
     float *xsum = malloc((size_t)M * G * sizeof *xsum);
-    for (int m = 0; m < M; m++)
-        for (int g = 0; g < G; g++) {
-            __m512 sum = _mm512_setzero_ps();
-            for (int k = g * group; k < (g + 1) * group; k += 16) sum = _mm512_add_ps(sum, widen(x + (size_t)m * K + k));
-            xsum[(size_t)m * G + g] = _mm512_reduce_add_ps(sum);
-        }
+    for (int m = 0; m < M; m++) group_sums(x + (size_t)m * K, K, group, xsum + (size_t)m * G);
     for (int m0 = 0; m0 < M; m0 += ROWS_PER_PASS) {
         const int rows = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
         const uint16_t *xs = x + (size_t)m0 * K;
