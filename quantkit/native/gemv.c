@@ -3,8 +3,10 @@
  * Why hand-written: at one row, torch's bf16 F.linear (oneDNN) and gptqmodel's CPU int4 kernel read weights well
  * below the machine's copy bandwidth (benchmarks/gemv_bench.py measures all three). Both products here stream
  * four weight rows at a time (prefetching the next four: without it, weights that come from DRAM stream at about
- * half the rate), widen them to bf16 in registers and accumulate with vdpbf16ps in fp32. Prefetches never fault, so
- * the last block's reach past the end is harmless.
+ * half the rate), widen them to bf16 in registers and accumulate with vdpbf16ps in fp32. The prefetches go to L2
+ * (T1), as in rows.c: on the 2-core AMD EPYC, prefetched into L1 the weights' stream and the products' work add up
+ * instead of overlapping (the 200m LM head 21-23 vs 32-34 GB/s, its int4 layers 18 vs 25 GB/s). Prefetches never
+ * fault, so the last block's reach past the end is harmless.
  *
  * x and y are bf16 (raw uint16 bits); sums are fp32; y is rounded to nearest even. Threads: OpenMP over output
  * rows in the process's OpenMP runtime (torch's libgomp: torch.set_num_threads applies, no second pool spins).
@@ -34,7 +36,7 @@ static inline __attribute__((always_inline)) void bf16_rows(
     for (int k = 0; k < K; k += 32) {
         const __m512bh xs = load_bf16(x + k);
         for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(w + (size_t)(n0 + r + ROWS) * K + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + (size_t)(n0 + r + ROWS) * K + k), _MM_HINT_T1);
             acc[r] = _mm512_dpbf16_ps(acc[r], load_bf16(w + (size_t)(n0 + r) * K + k), xs);
         }
     }
@@ -61,7 +63,7 @@ static inline __attribute__((always_inline)) void int4_rows(
     for (int k0 = 0; k0 < K; k0 += 128) {
         __m512bh ws[ROWS][4];
         for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(q + (size_t)(n0 + r + ROWS) * (K / 2) + k0 / 2), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + (size_t)(n0 + r + ROWS) * (K / 2) + k0 / 2), _MM_HINT_T1);
             int4_unit(q + (size_t)(n0 + r) * (K / 2) + k0 / 2, ws[r]);
         }
         for (int t = 0; t < 4; t++) {
