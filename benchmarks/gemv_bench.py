@@ -5,7 +5,8 @@ quantkit's), then the bf16 LM head (torch's F.linear vs quantkit's). Each pass w
 come from DRAM as in decode, not from a cache holding one layer. Passes alternate between the two kernels, rounds
 times; the figures are the medians (and the best) of the passes, with the weight bytes read per second.
 
-    python -m benchmarks.gemv_bench GPTQ_FOLDER [GPTQ_FOLDER...] [--rounds 15] [--threads 2]
+    python -m benchmarks.gemv_bench GPTQ_FOLDER [GPTQ_FOLDER...] [--rounds 15] [--threads 2] [--name gemv]
+        (--name names the table: one per CPU)
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def measure(folder: Path, rounds: int) -> dict:
     return result
 
 
-def write_tables(record: dict) -> None:
+def write_tables(record: dict, name: str) -> None:
     lines = ["# Batch-1 decode linears: quantkit's CPU kernels vs the libraries'", "",
              f"Machine: {machine_line(record['machine'])}; {record['threads']} threads.", "",
              f"Command: `{record['command']}`", "",
@@ -82,8 +83,8 @@ def write_tables(record: dict) -> None:
             lines.append(f"| {Path(model['model']).parent.name} | {part} | {row['weight_bytes'] / 1e6:.0f} | "
                          f"{row['library_kernel']} | {lib['median_ms']:.2f} | {lib['gb_s']:.1f} | "
                          f"{own['median_ms']:.2f} | {own['gb_s']:.1f} | {row['speedup']:.2f}x |")
-    (RESULTS / "gemv.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "gemv.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main() -> None:
@@ -91,15 +92,16 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path, help="GPTQ 4-bit folders (bf16 LM head)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="gemv", help="table name under benchmarks/results (one per CPU)")
     args = parser.parse_args()
     if not native.available():
         raise SystemExit("quantkit's kernels do not run here (they need AVX512-BF16 and a C compiler)")
     torch.set_num_threads(args.threads)
     record = {"machine": machine_info(), "threads": args.threads, "rounds": args.rounds,
               "command": "python -m benchmarks.gemv_bench " + " ".join(map(str, args.folders))
-                         + f" --rounds {args.rounds} --threads {args.threads}",
+                         + f" --rounds {args.rounds} --threads {args.threads} --name {args.name}",
               "models": [measure(folder, args.rounds) for folder in args.folders]}
-    write_tables(record)
+    write_tables(record, args.name)
 
 
 if __name__ == "__main__":
