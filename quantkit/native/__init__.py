@@ -83,6 +83,7 @@ def library() -> ctypes.CDLL | None:
     lib.qk_bf16_gemm.argtypes = [pointer, integer, pointer, integer, integer, pointer, pointer]
     lib.qk_set_amx.argtypes = [integer]
     lib.qk_set_amx(int(amx_granted(lib)))
+    lib.qk_amx_on.restype = integer
     lib.qk_decode_layer.argtypes = [ctypes.POINTER(Layer), pointer, integer, pointer, pointer, pointer, pointer, integer,
                                     integer, pointer, integer]
     return lib
@@ -99,13 +100,18 @@ def amx_available() -> bool:
     return available() and amx_granted(library())
 
 
+def rows_on_amx() -> bool:
+    """Whether products of 2 to MAX_ROWS rows run on amx.c now (where AMX is granted, unless switched off)."""
+    return available() and bool(library().qk_amx_on())
+
+
 def takes_rows(x: torch.Tensor, out_features: int) -> bool:
     """Whether the products take `x` for a weight of `out_features` rows: bf16 rows on the CPU, one (gemv.c) or up
     to MAX_ROWS (rows.c; on amx.c where AMX runs, which needs out_features a multiple of 16)."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu":
         return False
     rows = x.numel() // x.shape[-1]
-    return rows == 1 or (rows <= MAX_ROWS and (out_features % 16 == 0 or not amx_available()))
+    return rows == 1 or (rows <= MAX_ROWS and (out_features % 16 == 0 or not rows_on_amx()))
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:

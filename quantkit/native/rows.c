@@ -32,8 +32,10 @@ void qk_bf16_gemm_amx(const uint16_t *x, int M, const uint16_t *w, int N, int K,
 
 static int rows_on_amx = 0;
 
-/* Python sets this once, when it has checked the CPU's AMX-BF16 flag and the OS's grant of tile state. */
+/* Python sets this when it has checked the CPU's AMX-BF16 flag and the OS's grant of tile state (tests turn it off
+ * to run rows.c on AMX machines too). */
 void qk_set_amx(int on) { rows_on_amx = on; }
+int qk_amx_on(void) { return rows_on_amx; }
 
 /* x[m0.., K] packed for a pass: the M rows' vectors at input k side by side, [K / 32][M][32], so a pass reads x as
  * one stream instead of M streams K apart (8 rows at K = 4096 are 64 KiB, twice L1). The caller frees it. */
