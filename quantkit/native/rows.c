@@ -8,9 +8,7 @@
  * its own fp32 register; more rows of x take further passes. The bf16 product prefetches the next weight rows into
  * L2, not L1: prefetched into L1 they evict the rows of x, and DRAM-resident weights stream at two thirds the rate
  * (the 200m shape's linears at 8 rows on a 2-core AMD EPYC: 17.5 vs 26.1 GB/s; the int4 product, bound by its dot
- * products, gains nothing either way). The rows of x are packed side by side per 32 inputs first (pack_rows): read
- * as one stream, not 8 streams 8 KiB apart, the 3b:layers=2 linears at 8 rows take 43.7 vs 50.4 ms (bf16) and 34.3
- * vs 37.1 ms (int4) on that EPYC.
+ * products, gains nothing either way).
  *
  * Layouts, rounding and the int4 decomposition are gemv.c's: y[m, n] = sum_g scale * (sum_k (128 + code) x[m, k] -
  * (128 + zero) X_g[m]), fp32 sums, one rounding to bf16. Threads: OpenMP over weight rows.
@@ -18,7 +16,6 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "bf16.h"
 #include "int4.h"
@@ -37,16 +34,7 @@ static int rows_on_amx = 0;
 void qk_set_amx(int on) { rows_on_amx = on; }
 int qk_amx_on(void) { return rows_on_amx; }
 
-/* x[m0.., K] packed for a pass: the M rows' vectors at input k side by side, [K / 32][M][32], so a pass reads x as
- * one stream instead of M streams K apart (8 rows at K = 4096 are 64 KiB, twice L1). The caller frees it. */
-static uint16_t *pack_rows(const uint16_t *x, int M, int K) {
-    uint16_t *packed = malloc((size_t)M * K * sizeof *packed);
-    for (int k = 0; k < K; k += 32)
-        for (int m = 0; m < M; m++) memcpy(packed + (size_t)k * M + 32 * m, x + (size_t)m * K + k, 64);
-    return packed;
-}
-
-/* y[m, n0..n0+R-1] for M rows of x (M <= ROWS_PER_PASS, a constant where inlined; x packed by pack_rows). */
+/* y[m, n0..n0+R-1] for M rows of x (M <= ROWS_PER_PASS, a constant where inlined). */
 static inline __attribute__((always_inline)) void bf16_pass(const uint16_t *restrict x, const int M,
                                                             const uint16_t *restrict w, int n0, const int R, int N,
                                                             int K, const float *restrict bias, uint16_t *restrict y) {
@@ -60,7 +48,7 @@ static inline __attribute__((always_inline)) void bf16_pass(const uint16_t *rest
             ws[r] = load_bf16(w + (size_t)(n0 + r) * K + k);
         }
         for (int m = 0; m < M; m++) {
-            const __m512bh xs = load_bf16(x + (size_t)k * M + 32 * m);
+            const __m512bh xs = load_bf16(x + (size_t)m * K + k);
             for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], ws[r], xs);
         }
     }
@@ -83,17 +71,17 @@ static void bf16_gemm_avx512(const uint16_t *x, int M, const uint16_t *w, int N,
     const int blocks = N / BF16_WEIGHT_ROWS;
     for (int m0 = 0; m0 < M; m0 += ROWS_PER_PASS) {
         const int rows = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
-        uint16_t *xs = pack_rows(x + (size_t)m0 * K, rows, K), *ys = y + (size_t)m0 * N;
+        const uint16_t *xs = x + (size_t)m0 * K;
+        uint16_t *ys = y + (size_t)m0 * N;
 #pragma omp parallel for schedule(static)
         for (int b = 0; b < blocks; b++)
             DISPATCH_ROWS(rows, bf16_pass(xs, rows_, w, b * BF16_WEIGHT_ROWS, BF16_WEIGHT_ROWS, N, K, bias, ys))
         for (int n = blocks * BF16_WEIGHT_ROWS; n < N; n++)
             DISPATCH_ROWS(rows, bf16_pass(xs, rows_, w, n, 1, N, K, bias, ys))
-        free(xs);
     }
 }
 
-/* y[m, n] for M rows of x (M <= ROWS_PER_PASS, a constant where inlined; x packed by pack_rows); xsum [M][G]. */
+/* y[m, n] for M rows of x (M <= ROWS_PER_PASS, a constant where inlined); xsum [M][G]. */
 static inline __attribute__((always_inline)) void int4_pass(
     const uint16_t *restrict x, const float *restrict xsum, const int M, const uint8_t *restrict q,
     const float *restrict scales, const uint8_t *restrict zeros, int n, int N, int K, int group,
@@ -110,7 +98,7 @@ static inline __attribute__((always_inline)) void int4_pass(
         int4_unit(row + k0 / 2, ws);
         for (int t = 0; t < 4; t++) {
             for (int m = 0; m < M; m++)
-                acc[m] = _mm512_dpbf16_ps(acc[m], ws[t], load_bf16(x + (size_t)(k0 + 32 * t) * M + 32 * m));
+                acc[m] = _mm512_dpbf16_ps(acc[m], ws[t], load_bf16(x + (size_t)m * K + k0 + 32 * t));
             if (--left == 0) { /* the end of group g */
                 const float scale = scales[(size_t)n * G + g], zero = (float)(128 + zeros[(size_t)n * G + g]);
                 for (int m = 0; m < M; m++) {
@@ -134,12 +122,12 @@ static void int4_gemm_avx512(const uint16_t *x, int M, const uint8_t *q, const f
     for (int m = 0; m < M; m++) group_sums(x + (size_t)m * K, K, group, xsum + (size_t)m * G);
     for (int m0 = 0; m0 < M; m0 += ROWS_PER_PASS) {
         const int rows = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
-        uint16_t *xs = pack_rows(x + (size_t)m0 * K, rows, K), *ys = y + (size_t)m0 * N;
+        const uint16_t *xs = x + (size_t)m0 * K;
         const float *sums = xsum + (size_t)m0 * G;
+        uint16_t *ys = y + (size_t)m0 * N;
 #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++)
             DISPATCH_ROWS(rows, int4_pass(xs, sums, rows_, q, scales, zeros, n, N, K, group, bias, ys))
-        free(xs);
     }
     free(xsum);
 }
