@@ -5,7 +5,9 @@ Sources, each cut into documents (one document = one chat, ended by `<|endoftext
                one document per reST section, a section title seen before dropped (topics overlap);
   wikitext     WikiText-2 raw *valid* (CC BY-SA 3.0), one document per article; never `wiki.test.raw`;
   hh-helpful   Anthropic HH-RLHF helpful-base *test* split (MIT), the `chosen` dialogues. The tiny model is trained
-               on this split, so it must never be evaluated on `hh-helpful-test`; `hh-harmless-test` stays unseen.
+               on this split, so it must never be evaluated on `hh-helpful-test`; `hh-harmless-test` stays unseen;
+  django       Django's documentation (BSD-3-Clause) from its pinned PyPI sdist (`quantkit.django_docs`), one
+               document per titled section of the guides and reference (release notes left out), markup removed.
 The held-out split is fixed by document: within each source, every 10th document (indices 9, 19, ...) is held out.
 Prose documents become one turn: the user asks for the topic, the assistant's answer is the text.
 """
@@ -14,12 +16,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from quantkit import rest
 from quantkit.chat import render_prompt
 from quantkit.data import SHARED_RECORDS, SHARED_TEXT, hh_turns, read_records, read_text
 
 ENDOFTEXT = "<|endoftext|>"
 HELDOUT_EVERY = 10
 TRAINED_DIALOGUES = "hh-helpful-test"  # the one HH split the tiny model learns from (never evaluate it there)
+DJANGO_PARTS = ("intro", "topics", "howto", "faq", "ref", "internals", "misc")  # not releases/: change logs
+MIN_SECTION_CHARS = 200  # shorter Django sections are link lists and stubs
 _REST_HEADING = re.compile(r"^(.+)\n([*=~-]+)\n", re.MULTILINE)  # a title underlined to its length
 _WIKI_TITLE = re.compile(r"^ = ([^=].*?) = $", re.MULTILINE)  # " = Title = " (sections have == or more)
 
@@ -56,6 +61,17 @@ def dialogue_documents(data: Path) -> list[str]:
     return documents
 
 
+def django_documents(docs: Path) -> list[str]:
+    documents = []
+    for part in DJANGO_PARTS:
+        for path in sorted((docs / part).rglob("*.txt")):
+            for title, body in rest.sections(path.read_text(encoding="utf-8")):
+                text = rest.plain(body)
+                if len(text) >= MIN_SECTION_CHARS:
+                    documents.append(one_turn(title if title.endswith("?") else f"Explain {title}.", text))
+    return documents
+
+
 def one_turn(question: str, answer: str) -> str:
     return render_prompt(question) + answer + ENDOFTEXT
 
@@ -67,10 +83,12 @@ def split(documents: list[str]) -> tuple[list[str], list[str]]:
     return train, heldout
 
 
-def build_corpus(data: Path) -> tuple[str, str]:
-    """(train text, held-out text) from the three sources, `data` being the shared data folder."""
+def build_corpus(data: Path, django_docs: Path) -> tuple[str, str]:
+    """(train text, held-out text) from the four sources: `data` is the shared data folder, `django_docs` the
+    docs folder of Django's sdist."""
     train, heldout = [], []
-    for documents in (pydoc_documents(), wikitext_documents(data), dialogue_documents(data)):
+    sources = (pydoc_documents(), wikitext_documents(data), dialogue_documents(data), django_documents(django_docs))
+    for documents in sources:
         source_train, source_heldout = split(documents)
         train += source_train
         heldout += source_heldout

@@ -74,8 +74,9 @@ def load_dataset(spec: str) -> Dataset:
         return Dataset(spec, dialogues=records_to_dialogues(read_records(data_dir() / SHARED_RECORDS[spec]), spec))
     if spec in TINY_TEXT:
         from quantkit.corpus import build_corpus
+        from quantkit.django_docs import django_docs_dir
 
-        return Dataset(spec, text=build_corpus(data_dir())[TINY_TEXT[spec]])
+        return Dataset(spec, text=build_corpus(data_dir(), django_docs_dir())[TINY_TEXT[spec]])
     if spec.startswith("hub:"):
         return Dataset(spec, dialogues=records_to_dialogues(hub_records(spec[4:]), spec))
     path = Path(spec).expanduser()

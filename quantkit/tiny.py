@@ -2,16 +2,16 @@
 
 The model is a scaled-down StableLM-Alpha (GPT-NeoX: rotary_pct 0.25, rotary base 10000, parallel residual,
 untied embeddings, LayerNorm eps 1e-5, GELU, 4x MLP) trained from a fixed seed on one CPU thread (one thread keeps
-runs bit-reproducible) on the corpus of `quantkit.corpus`: Python reference sections, WikiText-2 *valid* articles
-and HH-RLHF *helpful* dialogues, every document a StableLM chat, every 10th document of each source held out.
-Training draws fixed-length windows at seeded random offsets of the token stream of the training text. Held-out
-perplexity is token-level, over non-overlapping windows of the training context length, on the saved (fp16)
-weights, and uses every logit row (the padding rows included).
+runs bit-reproducible) on the corpus of `quantkit.corpus`: Python reference sections, WikiText-2 *valid* articles,
+HH-RLHF *helpful* dialogues and Django's documentation, every document a StableLM chat, every 10th document of each
+source held out. Training draws fixed-length windows at seeded random offsets of the token stream of the training
+text. Held-out perplexity is token-level, over non-overlapping windows of the training context length, on the saved
+(fp16) weights, and uses every logit row (the padding rows included).
 
 Two variants, one architecture at two sizes (see `VARIANTS`):
   "own"       an 8000-id byte-level BPE tokenizer trained on the training text, laid out like StableLM's:
               <|endoftext|>=0, <|padding|>=1, ..., <|SYSTEM|>, <|USER|>, <|ASSISTANT|> as the last three ids.
-              Trained once (about an hour on one core: `make tiny-model`) and committed in `quantkit/tiny_model/`.
+              Trained once (about 40 min on one core: `make tiny-model`) and committed in `quantkit/tiny_model/`.
   "stablelm"  the real StableLM-Tuned-Alpha tokenizer (50280 ids) from the shared data folder; its 50304-row
               embeddings do not fit the size allowed in git, so it is trained on first use (minutes) and cached.
 Embedding and head rows are padded to a multiple of 128 beyond the tokenizer, as in the real checkpoints.
@@ -46,6 +46,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerB
 
 from quantkit.chat import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN, chat_template
 from quantkit.corpus import build_corpus
+from quantkit.django_docs import django_docs_dir
 from quantkit.errors import QuantkitError
 from quantkit.paths import cache_dir, data_dir, file_lock
 from quantkit.shapes import STABLELM_TOKENIZER, RandomShape
@@ -77,7 +78,8 @@ class Settings:
 
 
 VARIANTS = {
-    "own": Settings(vocab=8000, hidden=256, layers=4, heads=4, context=256, batch=16, steps=1400, lr=3e-3, warmup=50),
+    "own": Settings(vocab=8000, hidden=256, layers=2, heads=4, context=256, batch=16, steps=3500, lr=3e-3, warmup=50,
+                    bf16=True),
     # The 50304-row head makes a token dearer even at half the width: trained on first use, so kept short.
     "stablelm": Settings(vocab=0, hidden=128, layers=2, heads=4, context=256, batch=8, steps=64, lr=1e-2, warmup=6),
 }
@@ -135,7 +137,7 @@ def corpus() -> tuple[str, str]:
     shared = data_dir(required=False)
     if shared is None:
         raise QuantkitError("the tiny model's corpus needs the shared data folder (set QUANTKIT_DATA)")
-    return build_corpus(shared)
+    return build_corpus(shared, django_docs_dir())
 
 
 def _stablelm_tokenizer_file() -> Path:

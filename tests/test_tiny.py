@@ -18,10 +18,10 @@ from quantkit.chat import STABLELM_SYSTEM_PROMPT, chat_template, render_prompt, 
 from quantkit.errors import QuantkitError
 from quantkit.shapes import STABLELM_TOKENIZER
 
-# The tiny model before this corpus (pydoc topics only, 4000 ids, 2 layers, 96 steps; commit ffedca0) scored
-# held-out perplexity 114.4 on its own split and 355.8 on this corpus' held-out split (measured with
-# tiny._heldout_perplexity on its saved checkpoint). The committed model must beat that threefold.
-PREVIOUS_MODEL_HELDOUT_PERPLEXITY = 355.8
+# The tiny model before this corpus (pydoc topics only, 4000 ids, 2 layers, 96 steps; commit ffedca0, retrained by
+# its own code: 114.4 on its own split, as it recorded) scores held-out perplexity 342.0 on this corpus' held-out
+# split (tiny._heldout_perplexity on its saved checkpoint). The committed model must beat that threefold.
+PREVIOUS_MODEL_HELDOUT_PERPLEXITY = 342.0
 MAX_WEIGHT_BYTES = 16 * 2**20  # the one file allowed past the 5 MB rule
 SHORT_RUN = tiny.Settings(vocab=512, hidden=64, layers=1, heads=2, context=64, batch=8, steps=40, lr=1e-2, warmup=4,
                           weight_decay=0.0, bf16=True)
@@ -84,7 +84,7 @@ def test_heldout_perplexity_as_recorded_and_a_third_of_the_previous_model(own, c
     assert metrics["key"]["corpus_sha256"]  # which corpus it was trained on is on record
 
 
-def test_corpus_is_chat_documents_from_three_sources_with_unseen_heldout(corpus, shared_data):
+def test_corpus_is_chat_documents_from_four_sources_with_unseen_heldout(corpus, shared_data):
     train, heldout = corpus
     heldout_docs = heldout.split("<|endoftext|>")
     assert heldout_docs.pop() == ""
@@ -97,7 +97,10 @@ def test_corpus_is_chat_documents_from_three_sources_with_unseen_heldout(corpus,
     prefixes = [doc.partition("<|USER|>")[2] for doc in heldout_docs if doc in train]
     assert sum(map(len, prefixes)) < 0.02 * len(heldout), len(prefixes)
     questions = [doc.partition("<|USER|>")[2] for doc in heldout_docs]
-    assert any(q.startswith("Explain ") for q in questions)  # pydoc
+    every_question = questions + train.split("<|USER|>")
+    assert any(q.startswith('Explain The "assert" statement.') for q in every_question)  # pydoc
+    assert any(q.startswith("Explain How to use sessions.") for q in every_question)  # Django
+    assert not any(q.startswith("Explain Django 5.2 release notes.") for q in every_question)  # no change logs
     assert any(q.startswith("Tell me about ") for q in questions)  # WikiText-2 valid
     assert sum(doc.count("<|USER|>") > 1 for doc in heldout_docs) > 50  # multi-turn HH dialogues
     test_split = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
