@@ -19,6 +19,9 @@ from pathlib import Path
 from quantkit import rest
 from quantkit.chat import render_prompt
 from quantkit.data import SHARED_RECORDS, SHARED_TEXT, hh_turns, read_records, read_text
+from quantkit.django_docs import django_docs_dir
+from quantkit.errors import QuantkitError
+from quantkit.paths import data_dir
 
 ENDOFTEXT = "<|endoftext|>"
 HELDOUT_EVERY = 10
@@ -93,3 +96,11 @@ def build_corpus(data: Path, django_docs: Path) -> tuple[str, str]:
         train += source_train
         heldout += source_heldout
     return "".join(train), "".join(heldout)
+
+
+def load_corpus() -> tuple[str, str]:
+    """(train text, held-out text) from the shared data folder and Django's docs (downloaded on first use)."""
+    shared = data_dir(required=False)
+    if shared is None:
+        raise QuantkitError("the tiny model's corpus needs the shared data folder (set QUANTKIT_DATA)")
+    return build_corpus(shared, django_docs_dir())

@@ -35,7 +35,7 @@ SHARED_RECORDS = {
     "hh-harmless-test": "instruct/hh-rlhf/harmless-base-test.jsonl.gz",
     "alpaca-sample": "instruct/alpaca/alpaca_short.json",
 }
-TINY_TEXT = {"tiny-train": 0, "tiny-heldout": 1}  # index into quantkit.corpus.build_corpus()
+TINY_TEXT = {"tiny-train": 0, "tiny-heldout": 1}  # index into quantkit.corpus.load_corpus()
 KNOWN_SPECS = (*SHARED_TEXT, *SHARED_RECORDS, *TINY_TEXT)
 TEXT_SUFFIXES = (".txt", ".raw")
 RECORD_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".json.gz")
@@ -73,10 +73,9 @@ def load_dataset(spec: str) -> Dataset:
     if spec in SHARED_RECORDS:
         return Dataset(spec, dialogues=records_to_dialogues(read_records(data_dir() / SHARED_RECORDS[spec]), spec))
     if spec in TINY_TEXT:
-        from quantkit.corpus import build_corpus
-        from quantkit.django_docs import django_docs_dir
+        from quantkit.corpus import load_corpus
 
-        return Dataset(spec, text=build_corpus(data_dir(), django_docs_dir())[TINY_TEXT[spec]])
+        return Dataset(spec, text=load_corpus()[TINY_TEXT[spec]])
     if spec.startswith("hub:"):
         return Dataset(spec, dialogues=records_to_dialogues(hub_records(spec[4:]), spec))
     path = Path(spec).expanduser()

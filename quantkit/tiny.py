@@ -45,8 +45,7 @@ from tqdm import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from quantkit.chat import ASSISTANT_TOKEN, SYSTEM_TOKEN, USER_TOKEN, chat_template
-from quantkit.corpus import build_corpus
-from quantkit.django_docs import django_docs_dir
+from quantkit.corpus import load_corpus
 from quantkit.errors import QuantkitError
 from quantkit.paths import cache_dir, data_dir, file_lock
 from quantkit.shapes import STABLELM_TOKENIZER, RandomShape
@@ -121,7 +120,7 @@ def training_key(variant: str, settings: Settings) -> dict:
     source = _stablelm_tokenizer_file() if variant == "stablelm" else None
     architecture = _config(settings, settings.vocab).to_diff_dict()
     architecture.pop("transformers_version")
-    train_text, heldout_text = corpus()
+    train_text, heldout_text = load_corpus()
     return {
         "version": VERSION,
         "variant": variant,
@@ -130,14 +129,6 @@ def training_key(variant: str, settings: Settings) -> dict:
         "corpus_sha256": hashlib.sha256((train_text + heldout_text).encode()).hexdigest(),
         "tokenizer_sha256": hashlib.sha256(source.read_bytes()).hexdigest() if source else None,
     }
-
-
-def corpus() -> tuple[str, str]:
-    """(train text, held-out text) of `quantkit.corpus`, which needs the shared data folder."""
-    shared = data_dir(required=False)
-    if shared is None:
-        raise QuantkitError("the tiny model's corpus needs the shared data folder (set QUANTKIT_DATA)")
-    return build_corpus(shared, django_docs_dir())
 
 
 def _stablelm_tokenizer_file() -> Path:
@@ -166,7 +157,7 @@ def _staged(folder: Path) -> Iterator[Path]:
 
 def _build(out: Path, variant: str, settings: Settings, key: dict) -> None:
     """Train `variant` with `settings` and save it in `out`: `model/` (fp16 safetensors, tokenizer) + metrics.json."""
-    train_text, heldout_text = corpus()
+    train_text, heldout_text = load_corpus()
     if variant == "stablelm":
         tokenizer = PreTrainedTokenizerFast.from_pretrained(_stablelm_tokenizer_file().parent)
     else:

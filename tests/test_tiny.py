@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
 from quantkit import tiny
 from quantkit.chat import STABLELM_SYSTEM_PROMPT, chat_template, render_prompt, stop_token_ids
+from quantkit.corpus import load_corpus
 from quantkit.errors import QuantkitError
 from quantkit.shapes import STABLELM_TOKENIZER
 
@@ -43,7 +44,7 @@ def own() -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(shared_data) -> tuple[str, str]:
-    return tiny.corpus()
+    return load_corpus()
 
 
 def recomputed_perplexity(folder: Path, heldout: str) -> tuple[float, int]:
@@ -192,7 +193,7 @@ def test_bad_variant_and_missing_data_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(QuantkitError, match="StableLM tokenizer"):
         tiny.tiny_folder("stablelm")
     with pytest.raises(QuantkitError, match="shared data folder"):
-        tiny.corpus()
+        load_corpus()
 
 
 @pytest.mark.slow
