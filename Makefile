@@ -25,7 +25,7 @@ demo: install
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
-# Retrain the committed tiny StableLM into quantkit/tiny_model/ (fixed seed, one thread; 36 min of one Xeon core).
+# Retrain the committed tiny StableLM into quantkit/tiny_model/ (fixed seed, one thread; 39 min of one Xeon core).
 tiny-model: install
 	$(PY) -m quantkit.tiny own --out quantkit/tiny_model
 
