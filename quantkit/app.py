@@ -156,7 +156,7 @@ def demo(prompt: str, out: str = "out", results: str = "benchmarks/results") -> 
            on_token=stream)
     print("\n")
     recipes = sorted(str(p) for p in (PROJECT_ROOT / "recipes").glob("tiny-*.toml"))
-    paths = run(recipes, Path(out), results=Path(results), table_name="tiny-cpu")
+    paths = run(recipes, Path(out), results=Path(results), table_name="tiny-cpu", made_by=["quantkit", "demo"])
     print()
     print(paths["md"].read_text())
     return 0

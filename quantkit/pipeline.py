@@ -206,9 +206,10 @@ def reference_row(recipe: Recipe, out_root: Path, log: Log) -> dict:
 
 def run(recipe_paths: list[str], out_root: Path, force: bool = False, results: Path = RESULTS,
         table_name: str | None = None, model: str | None = None, revision: str | None = None,
-        overrides: Sequence[str] = (), log: Log = print) -> dict[str, Path]:
+        overrides: Sequence[str] = (), log: Log = print, made_by: list[str] | None = None) -> dict[str, Path]:
     """Run every recipe (with `model` replacing their source, e.g. a local folder for a hub id, `revision` pinning
-    it and `overrides` applied), then write one table (reference first) to `results`."""
+    it and `overrides` applied), then write one table (reference first) to `results`; `made_by` is the command the
+    table names (by default the `quantkit run` command these arguments make)."""
     recipes = [override_source(load_recipe(path, overrides), model, revision) for path in recipe_paths]
     shared = {(source_spec(r), r.source["dtype"], json.dumps(r.eval), json.dumps(r.bench)) for r in recipes}
     if len(shared) > 1:
@@ -221,7 +222,7 @@ def run(recipe_paths: list[str], out_root: Path, force: bool = False, results: P
     from quantkit.machine import machine_info, machine_line
 
     info = machine_info()
-    command = ["quantkit", "run", *recipe_paths, *(["--model", model] if model else []),
-               *(["--revision", revision] if revision else []),
-               *(word for override in overrides for word in ("--set", override))]
+    command = made_by or ["quantkit", "run", *recipe_paths, *(["--model", model] if model else []),
+                          *(["--revision", revision] if revision else []),
+                          *(word for override in overrides for word in ("--set", override))]
     return write_report(rows, info, machine_line(info), results, table_name or recipes[0].name, command)
