@@ -1,12 +1,13 @@
-"""One decode step's linears at batch 1 on quantkit's CPU kernels vs the libraries' (why quantkit.native exists).
+"""One decode step's linears on quantkit's CPU kernels vs the libraries' (why quantkit.native exists).
 
-For a GPTQ folder, as a batch-1 decode step runs them: every int4 layer in model order (gptqmodel's kernel vs
-quantkit's), then the bf16 LM head (torch's F.linear vs quantkit's). Each pass walks all layers, so the weights
-come from DRAM as in decode, not from a cache holding one layer. Passes alternate between the two kernels, rounds
-times; the figures are the medians (and the best) of the passes, with the weight bytes read per second.
+For a GPTQ folder, as a decode step of `--rows` rows (batch size; default 1) runs them: every int4 layer in model
+order (gptqmodel's kernel vs quantkit's: gemv.c at one row, amx.c or rows.c at 2-16), then the bf16 LM head
+(torch's F.linear vs quantkit's). Each pass walks all layers, so the weights come from DRAM as in decode, not from
+a cache holding one layer. Passes alternate between the two kernels, rounds times; the figures are the medians
+(and the best) of the passes, with the weight bytes read per second.
 
-    python -m benchmarks.gemv_bench GPTQ_FOLDER [GPTQ_FOLDER...] [--rounds 15] [--threads 2] [--name gemv]
-        (--name names the table: one per CPU)
+    python -m benchmarks.gemv_bench GPTQ_FOLDER [GPTQ_FOLDER...] [--rows 1] [--rounds 15] [--threads 2]
+        [--name gemv]   (--name names the table: one per CPU and row count)
 """
 from __future__ import annotations
 
@@ -43,20 +44,21 @@ def weight_bytes(layer: torch.nn.Module) -> int:
 
 
 @torch.inference_mode()
-def measure(folder: Path, rounds: int) -> dict:
-    """Both kernels' passes over the folder's int4 layers and over its LM head."""
+def measure(folder: Path, rows: int, rounds: int) -> dict:
+    """Both kernels' passes over the folder's int4 layers and over its LM head, on `rows` rows of x."""
     model = open_gptq(folder, "cpu").model
     head = model.get_output_embeddings()
     int4 = [m for m in model.modules() if isinstance(m, DecodeLinear) and m is not head]
-    one_row = {id(m): torch.randn(1, 1, m.layer.in_features, dtype=torch.bfloat16) for m in (*int4, head)}
+    x = {id(m): torch.randn(rows, 1, m.layer.in_features, dtype=torch.bfloat16) for m in (*int4, head)}
     parts = {
         "int4 layers": (int4, f"gptqmodel {type(int4[0].layer).__name__}"),
         "lm head": ([head], "torch F.linear (oneDNN)"),
     }
-    result = {"model": str(folder), "int4_layers": len(int4), "parts": {}}
+    kernel = "gemv.c" if rows == 1 else "amx.c" if native.rows_on_amx() else "rows.c"
+    result = {"model": str(folder), "int4_layers": len(int4), "quantkit_kernel": kernel, "parts": {}}
     for part, (layers, library) in parts.items():
-        calls = {"library": [lambda m=m: m.layer(one_row[id(m)]) for m in layers],
-                 "quantkit": [lambda m=m: m(one_row[id(m)]) for m in layers]}
+        calls = {"library": [lambda m=m: m.layer(x[id(m)]) for m in layers],
+                 "quantkit": [lambda m=m: m(x[id(m)]) for m in layers]}
         nbytes = sum(weight_bytes(m.layer) for m in layers)
         figures = {name: {"median_ms": 1e3 * statistics.median(s), "best_ms": 1e3 * min(s),
                           "gb_s": nbytes / statistics.median(s) / 1e9} for name, s in passes(calls, rounds).items()}
@@ -69,20 +71,23 @@ def measure(folder: Path, rounds: int) -> dict:
 
 
 def write_tables(record: dict, name: str) -> None:
-    lines = ["# Batch-1 decode linears: quantkit's CPU kernels vs the libraries'", "",
+    rows = record["rows"]
+    lines = [f"# Batch-{rows} decode linears: quantkit's CPU kernels vs the libraries'", "",
              f"Machine: {machine_line(record['machine'])}; {record['threads']} threads.", "",
              f"Command: `{record['command']}`", "",
-             "Each pass runs every int4 layer of the model in order (or the LM head) on one bf16 row, so the weights "
-             "come from DRAM as in a decode step; passes of the two kernels alternate, "
+             f"Each pass runs every int4 layer of the model in order (or the LM head) on {rows} bf16 row(s), so the "
+             "weights come from DRAM as in a decode step; passes of the two kernels alternate, "
              f"{record['rounds']} rounds; medians. GB/s: weight bytes (with scales and zeros) read per second.", "",
-             "| model | part | weight MB | library kernel | library ms | GB/s | quantkit ms | GB/s | speed-up |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| model | part | weight MB | library kernel | library ms | GB/s | quantkit kernel | quantkit ms | GB/s | "
+             "speed-up |",
+             "|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
     for model in record["models"]:
         for part, row in model["parts"].items():
             lib, own = row["library"], row["quantkit"]
             lines.append(f"| {Path(model['model']).parent.name} | {part} | {row['weight_bytes'] / 1e6:.0f} | "
                          f"{row['library_kernel']} | {lib['median_ms']:.2f} | {lib['gb_s']:.1f} | "
-                         f"{own['median_ms']:.2f} | {own['gb_s']:.1f} | {row['speedup']:.2f}x |")
+                         f"{model['quantkit_kernel']} | {own['median_ms']:.2f} | {own['gb_s']:.1f} | "
+                         f"{row['speedup']:.2f}x |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -90,6 +95,8 @@ def write_tables(record: dict, name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="GPTQ 4-bit folders (bf16 LM head)")
+    parser.add_argument("--rows", type=int, default=1, choices=range(1, native.MAX_ROWS + 1), metavar="1-16",
+                        help="rows of x: the decode batch size (default: 1)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="gemv", help="table name under benchmarks/results (one per CPU)")
@@ -97,10 +104,10 @@ def main() -> None:
     if not native.available():
         raise SystemExit("quantkit's kernels do not run here (they need AVX512-BF16 and a C compiler)")
     torch.set_num_threads(args.threads)
-    record = {"machine": machine_info(), "threads": args.threads, "rounds": args.rounds,
+    record = {"machine": machine_info(), "threads": args.threads, "rows": args.rows, "rounds": args.rounds,
               "command": "python -m benchmarks.gemv_bench " + " ".join(map(str, args.folders))
-                         + f" --rounds {args.rounds} --threads {args.threads} --name {args.name}",
-              "models": [measure(folder, args.rounds) for folder in args.folders]}
+                         + f" --rows {args.rows} --rounds {args.rounds} --threads {args.threads} --name {args.name}",
+              "models": [measure(folder, args.rows, args.rounds) for folder in args.folders]}
     write_tables(record, args.name)
 
 
