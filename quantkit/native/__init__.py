@@ -32,7 +32,7 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"
 CPU_FLAGS_NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 AMX_FLAGS = {"amx_tile", "amx_bf16"}
 MAX_ROWS = 16  # rows of x rows.c and amx.c take
-MAX_GROUPS = 512  # gemv.c's limit on K / group
+MAX_GROUPS = 512  # int4.h's limit on K / group
 # The input (within a 128-input unit) whose code sits in the low nibble of each of the unit's 64 bytes (gemv.c's
 # layout: byte 16*L + i holds 8*L + i for i < 8, 32 + 8*L + i - 8 for i >= 8; the high nibble holds that + 64).
 UNIT_LOW = torch.tensor([8 * (b // 16) + b % 16 + (24 if b % 16 >= 8 else 0) for b in range(64)])

@@ -26,7 +26,6 @@
 #include "int4.h"
 
 #define ROWS 4          /* weight rows in flight per thread; the next ROWS rows are prefetched meanwhile */
-#define MAX_GROUPS 512  /* K / group */
 
 static inline __attribute__((always_inline)) void bf16_rows(
     const uint16_t *restrict x, const uint16_t *restrict w, const int R, int n0, int K, const float *restrict bias,

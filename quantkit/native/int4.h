@@ -7,6 +7,8 @@
 
 #include "bf16.h"
 
+#define MAX_GROUPS 512 /* K / group at most (quantkit.native.MAX_GROUPS) */
+
 /* The four bf16 vectors (inputs 0-31, 32-63, 64-95, 96-127) of one 128-input unit of int4 codes. */
 static inline __attribute__((always_inline)) void int4_unit(const uint8_t *unit, __m512bh out[4]) {
     const __m512i bytes = _mm512_loadu_si512((const void *)unit), nibble = _mm512_set1_epi8(0x0f);
