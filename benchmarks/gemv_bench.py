@@ -24,7 +24,9 @@ from benchmarks.runner_vs_generate import RESULTS
 from quantkit import native
 from quantkit.backends.gptq import open_gptq
 from quantkit.decode_linear import DecodeLinear
+from quantkit.errors import QuantkitError
 from quantkit.machine import machine_info, machine_line
+from quantkit.sources import check_folder
 
 
 def passes(calls: dict[str, list], rounds: int) -> dict[str, list[float]]:
@@ -103,6 +105,12 @@ def main() -> None:
     args = parser.parse_args()
     if not native.available():
         raise SystemExit("quantkit's kernels do not run here (they need AVX512-BF16 and a C compiler)")
+    try:
+        for folder in args.folders:
+            if "quantization_config" not in check_folder(folder):
+                raise QuantkitError(f"{folder} is not a GPTQ folder (its config.json has no quantization_config)")
+    except QuantkitError as exc:
+        raise SystemExit(f"error: {exc}") from None
     torch.set_num_threads(args.threads)
     record = {"machine": machine_info(), "threads": args.threads, "rows": args.rows, "rounds": args.rounds,
               "command": "python -m benchmarks.gemv_bench " + " ".join(map(str, args.folders))
