@@ -83,17 +83,37 @@ def test_int4_product_of_a_few_rows_is_the_rounded_dequantized_product(rows_kern
     assert_rounded_product(out[:, 0], x[:, 0], dequantized(qweight, qzeros, scales), bias)
 
 
-def test_int4_decode_linear_takes_a_small_batch_and_leaves_prefill_to_the_layer():
+@pytest.mark.parametrize("n, k, group, rows", [(512, 4096, 128, 401), (256, 1152, 96, 40), (1024, 4096, -1, 100),
+                                               (3072, 1024, 32, 17)])
+def test_int4_product_of_a_prefill_on_amx_is_the_rounded_dequantized_product(n, k, group, rows):
+    """A prefill's rows on amx.c: passes of 6 chunks of 16 rows, panels of 12 chunks, input blocks of whole groups
+    and 128-input units (4096 by 2048, 1152 with groups of 96 in one block), a last chunk padded with zero rows."""
+    if not native.amx_available():
+        pytest.skip("needs AMX-BF16 (and the OS's grant of tile state)")
+    qweight, qzeros, scales = random_gptq(n, k, group, seed=n + rows)
+    x = torch.randn(1, rows, k, generator=torch.Generator().manual_seed(3)).bfloat16()
+    bias = torch.randn(n).float()
+    assert native.takes_rows(x, n, int4=True) and not native.takes_rows(x, n)  # bf16 prefills stay on oneDNN
+    out = native.int4_linear(x, native.pack_gptq(qweight, qzeros, scales, group), bias)
+    assert_rounded_product(out[0], x[0], dequantized(qweight, qzeros, scales), bias)
+
+
+def test_int4_decode_linear_takes_a_small_batch_and_a_prefill_on_amx_only(rows_kernel):
     qweight, qzeros, scales = random_gptq(256, 256, 128, seed=5)
     weight = native.pack_gptq(qweight, qzeros, scales, 128)
     layer_calls = []
     linear = DecodeLinear(lambda x: layer_calls.append(x.shape) or x, weight, None)
     exact = dequantized(qweight, qzeros, scales)
     small, prefill = torch.randn(8, 1, 256).bfloat16(), torch.randn(1, 17, 256).bfloat16()
-    assert linear(prefill) is prefill and layer_calls == [(1, 17, 256)]
-    assert_rounded_product(linear(small)[:, 0], small[:, 0], exact, torch.zeros(256))  # rows.c (or amx.c)
-    assert layer_calls == [(1, 17, 256)]
+    if rows_kernel == "amx":
+        assert_rounded_product(linear(prefill)[0], prefill[0], exact, torch.zeros(256))
+        assert layer_calls == []
+    else:  # rows.c takes up to 16 rows: gptqmodel's layer runs the prefill
+        assert linear(prefill) is prefill and layer_calls == [(1, 17, 256)]
+    assert_rounded_product(linear(small)[:, 0], small[:, 0], exact, torch.zeros(256))
     assert_rounded_product(linear(small[:1])[0], small[0], exact, torch.zeros(256))  # one row: gemv.c
+    assert len(layer_calls) == (rows_kernel == "avx512")
+
 
 @pytest.mark.parametrize("n, k", [(50688, 1024), (4096 + 3, 4096), (7, 32)])
 def test_bf16_product_is_the_rounded_product(n, k):

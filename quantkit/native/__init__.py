@@ -31,7 +31,7 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"
          "-shared", "-fPIC")
 CPU_FLAGS_NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 AMX_FLAGS = {"amx_tile", "amx_bf16"}
-MAX_ROWS = 16  # rows of x rows.c and amx.c take
+MAX_ROWS = 16  # rows of x rows.c, layer.c and amx.c's bf16 product take
 MAX_GROUPS = 512  # int4.h's limit on K / group
 # The input (within a 128-input unit) whose code sits in the low nibble of each of the unit's 64 bytes (gemv.c's
 # layout: byte 16*L + i holds 8*L + i for i < 8, 32 + 8*L + i - 8 for i >= 8; the high nibble holds that + 64).
@@ -105,13 +105,18 @@ def rows_on_amx() -> bool:
     return available() and bool(library().qk_amx_on())
 
 
-def takes_rows(x: torch.Tensor, out_features: int) -> bool:
+def takes_rows(x: torch.Tensor, out_features: int, int4: bool = False) -> bool:
     """Whether the products take `x` for a weight of `out_features` rows: bf16 rows on the CPU, one (gemv.c) or up
-    to MAX_ROWS (rows.c; on amx.c where AMX runs, which needs out_features a multiple of 16)."""
+    to MAX_ROWS (rows.c; on amx.c where AMX runs, which needs out_features a multiple of 16), and for an int4 weight
+    any number on amx.c (a prefill: there gptqmodel's CPU kernel is slower; bf16 prefills stay on oneDNN)."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu":
         return False
     rows = x.numel() // x.shape[-1]
-    return rows == 1 or (rows <= MAX_ROWS and (out_features % 16 == 0 or not rows_on_amx()))
+    if rows == 1:
+        return True
+    if rows_on_amx():
+        return out_features % 16 == 0 and (rows <= MAX_ROWS or int4)
+    return rows <= MAX_ROWS
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:
