@@ -4,7 +4,7 @@ A decode step at batch 1 multiplies one row by every weight, and there the kerne
 bf16 F.linear and gptqmodel's int4 kernel (benchmarks/gemv_bench.py); at a small batch (2-16 rows) gptqmodel's int4
 kernel is bound by its arithmetic and oneDNN's bf16 call costs about as much to set up as the product, and rows.c's
 products take those rows (on amx.c's tiles where the CPU has AMX). Where AMX runs, amx.c's int4 product also takes a
-prefill's rows: a 128-token prefill of the stablelm-3b:layers=2 GPTQ folder took 118 ms there vs 150 ms on
+prefill's rows: a 128-token prefill of the stablelm-3b:layers=2 GPTQ folder took 108 ms there vs 149 ms on
 gptqmodel's kernel (2-core Xeon, alternating calls, medians). Every other shape (bf16 prefills, more than 16 rows
 without AMX) runs the layer that was there. Only CPU bf16 models are touched: the int4 layers of 4-bit GPTQ
 checkpoints without act-order, and bf16 nn.Linear layers.

@@ -26,8 +26,8 @@
  * 17 rows on oneDNN is as fast or faster (bf16 [12288 x 4096] at 512 rows: 30-34 ms vs 33-40 ms here).
  *
  * A prefill's int4 product is exact as the decode's, and faster than gptqmodel's kernel where the layers are large:
- * a 128-token prefill of the stablelm-3b:layers=2 GPTQ folder took 117-118 ms vs 150-164 ms on gptqmodel's kernel
- * (2-core Xeon, alternating calls, medians), the 200m shape's 55 vs 52-56 ms. Where the time goes: group ends (C
+ * a 128-token prefill of the stablelm-3b:layers=2 GPTQ folder took 108 ms vs 149 ms on gptqmodel's kernel, 512
+ * tokens 395 vs 488 ms (2-core Xeon, alternating calls, medians); the 200m shape's 48 vs 50 ms and 177 vs 170 ms. Where the time goes: group ends (C
  * stored, scaled and offset every `group` inputs) about a quarter (the 200m shape's [4096 x 1024] at 512 rows: 4.7
  * ms, 3.5 ms with one group per row), the rest tile loads: each product loads a B tile of x from L2, and these
  * products reach 450-620 GMAC/s at 512 rows where oneDNN's bf16 product, packing its own layout, reaches 800-1000.
@@ -76,7 +76,6 @@ int qk_amx_enable(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PER
                  case 3: OP(3); break; case 4: OP(4); break; default: OP(5); break; }
 #define ZERO(t) _tile_zero(t)
 #define PRODUCT(t) _tile_dpbf16ps(t, A_TILE, B_TILE)
-#define LOAD_SUMS(t) _tile_loadd(t, sums, 64)
 #define STORE_SUMS(t) _tile_stored(t, sums, 64)
 
 /* Columns (rows of x) per chunk. */
@@ -101,6 +100,9 @@ static void configure(int width) {
     config.palette = 1;
     for (int t = 0; t <= B_TILE; t++) config.rows[t] = TILE, config.colsb[t] = 4 * width;
     config.colsb[A_TILE] = 64;
+    /* GCC 12's _tile_loadconfig declares a read of 8 bytes of `config`, so the stores of its rows and widths could be
+     * dropped as dead (they were, once this file's int4 product was inlined differently): a barrier keeps them. */
+    __asm__ volatile("" : : "r"(&config) : "memory");
     _tile_loadconfig(&config);
 }
 
@@ -164,13 +166,79 @@ void qk_bf16_gemm_amx(const uint16_t *x, int M, const uint16_t *w, int N, int K,
 
 static int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
 
+/* One int4 product's operands and its layout of x in chunks. */
+typedef struct {
+    const uint8_t *q;
+    const float *scales, *bias;
+    const uint8_t *zeros;
+    const uint32_t *pairs; /* pack_pairs */
+    const float *xsum;     /* [chunk][group][column] */
+    float *buffer;         /* the totals between input blocks: [chunk][N / 16][16 x 16] */
+    uint16_t *y;
+    int M, N, K, group, width;
+} int4_product;
+
+/* Weight block n0 (16 rows) by chunks c0..c0+pass-1 over inputs k1..k1+kb-1 (whole groups): totals[c] from the
+ * buffer (or zero at k1 = 0), to the buffer (or y at the last block); `sums` holds a C tile. `pass` a constant where
+ * inlined. */
+static inline __attribute__((always_inline)) void int4_pass(const int4_product *p, const int pass, int c0, int n0,
+                                                            int k1, int kb, float totals[MAX_CHUNKS][TILE * TILE],
+                                                            float *sums) {
+    const int K = p->K, G = K / p->group, steps_per_group = p->group / 32;
+    uint16_t widened[4][TILE][32] __attribute__((aligned(64)));
+    for (int c = 0; c < pass; c++) {
+        ON_C_TILE(c, ZERO)
+        if (k1 == 0) memset(totals[c], 0, sizeof totals[c]);
+        else memcpy(totals[c], sums_of(p->buffer, c0 + c, n0, p->N), sizeof totals[c]);
+    }
+    int g = k1 / p->group, left = steps_per_group;
+    for (int k0 = k1; k0 < k1 + kb; k0 += 128) {
+        for (int r = 0; r < TILE; r++) {
+            __m512bh w[4];
+            const uint8_t *unit = p->q + (size_t)(n0 + r) * (K / 2) + k0 / 2;
+            _mm_prefetch((const char *)(unit + (size_t)TILE * (K / 2)), _MM_HINT_T1); /* the next block */
+            int4_unit(unit, w);
+            for (int t = 0; t < 4; t++) _mm512_store_si512((void *)widened[t][r], (__m512i)w[t]);
+        }
+        for (int t = 0; t < 4; t++) {
+            _tile_loadd(A_TILE, widened[t], 64);
+            for (int c = 0; c < pass; c++) {
+                _tile_loadd(B_TILE, b_tile(p->pairs, c0 + c, k0 / 32 + t, K, p->width), 4 * p->width);
+                ON_C_TILE(c, PRODUCT)
+            }
+            if (--left > 0) continue;
+            float scale[TILE], zero_scale[TILE]; /* the end of group g: totals += scale * (C - (128 + zero) X) */
+            for (int r = 0; r < TILE; r++) {
+                const size_t at = (size_t)(n0 + r) * G + g;
+                scale[r] = p->scales[at], zero_scale[r] = (float)(128 + p->zeros[at]) * p->scales[at];
+            }
+            for (int c = 0; c < pass; c++) {
+                ON_C_TILE(c, STORE_SUMS)
+                ON_C_TILE(c, ZERO)
+                const __m512 x_sums = _mm512_load_ps(p->xsum + ((size_t)(c0 + c) * G + g) * TILE);
+                for (int r = 0; r < TILE; r++) {
+                    float *row = totals[c] + r * TILE;
+                    const __m512 offset_row = _mm512_fnmadd_ps(_mm512_set1_ps(zero_scale[r]), x_sums,
+                                                               _mm512_load_ps(row));
+                    _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_load_ps(sums + r * TILE), _mm512_set1_ps(scale[r]),
+                                                         offset_row));
+                }
+            }
+            g++, left = steps_per_group;
+        }
+    }
+    for (int c = 0; c < pass; c++)
+        if (k1 + kb == K)
+            store_block(totals[c], (c0 + c) * p->width, chunk_rows(c0 + c, p->M, p->width), p->N, n0, p->bias, p->y);
+        else
+            memcpy(sums_of(p->buffer, c0 + c, n0, p->N), totals[c], sizeof totals[c]);
+}
+
 void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *scales, const uint8_t *zeros, int N,
                       int K, int group, const float *bias, uint16_t *y) {
-    const int G = K / group, steps_per_group = group / 32;
-    const int width = chunk_width(M), chunks = (M + width - 1) / width;
+    const int G = K / group, width = chunk_width(M), chunks = (M + width - 1) / width;
     const int kb = input_block(K, 128 / gcd(128, group) * group, chunks); /* whole groups and whole 128-input units */
-    uint32_t *pairs = pack_pairs(x, M, K, width);
-    float *xsum = aligned_alloc(64, (size_t)chunks * G * TILE * sizeof *xsum); /* [chunk][group][column] */
+    float *xsum = aligned_alloc(64, (size_t)chunks * G * TILE * sizeof *xsum);
     memset(xsum, 0, (size_t)chunks * G * TILE * sizeof *xsum);
 #pragma omp parallel for schedule(static) if (M > TILE)
     for (int m = 0; m < M; m++) {
@@ -178,12 +246,17 @@ void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *s
         group_sums(x + (size_t)m * K, K, group, group_sum);
         for (int g = 0; g < G; g++) xsum[((size_t)(m / width) * G + g) * TILE + m % width] = group_sum[g];
     }
-    float *buffer = aligned_alloc(64, (size_t)chunks * N * TILE * sizeof *buffer); /* the scaled totals */
+    const int4_product product = {
+        .q = q, .scales = scales, .bias = bias, .zeros = zeros, .pairs = pack_pairs(x, M, K, width), .xsum = xsum,
+        .buffer = kb < K ? aligned_alloc(64, (size_t)chunks * N * TILE * sizeof(float)) : NULL, /* none at decode */
+        .y = y, .M = M, .N = N, .K = K, .group = group, .width = width};
 #pragma omp parallel
     {
         configure(width);
-        uint16_t widened[4][TILE][32] __attribute__((aligned(64)));
-        /* columns past a chunk's rows of sums and totals are never stored, only computed: zeroed so they hold numbers */
+        float totals[MAX_CHUNKS][TILE * TILE] __attribute__((aligned(64)));
+        /* a C tile narrower than 16 columns leaves the rest of `sums` as it was: zeroed here, so that the group ends'
+         * vector arithmetic on those unused columns meets no stack garbage (with garbage there the 200m shape's int4
+         * linears at 8 rows took 26-27 ms instead of 3.6-4.3) */
         float sums[TILE * TILE] __attribute__((aligned(64))) = {0};
         for (int p0 = 0; p0 < chunks; p0 += PANEL_CHUNKS) {
             const int panel_end = chunks - p0 < PANEL_CHUNKS ? chunks : p0 + PANEL_CHUNKS;
@@ -192,56 +265,14 @@ void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *s
                 for (int n0 = 0; n0 < N; n0 += TILE)
                     for (int c0 = p0; c0 < panel_end; c0 += MAX_CHUNKS) {
                         const int pass = panel_end - c0 < MAX_CHUNKS ? panel_end - c0 : MAX_CHUNKS;
-                        for (int c = 0; c < pass; c++) {
-                            ON_C_TILE(c, ZERO)
-                            if (k1 == 0) memset(sums_of(buffer, c0 + c, n0, N), 0, TILE * TILE * sizeof *buffer);
-                        }
-                        int g = k1 / group, left = steps_per_group;
-                        for (int k0 = k1; k0 < k1 + kb; k0 += 128) {
-                            for (int r = 0; r < TILE; r++) {
-                                __m512bh w[4];
-                                const uint8_t *unit = q + (size_t)(n0 + r) * (K / 2) + k0 / 2;
-                                _mm_prefetch((const char *)(unit + (size_t)TILE * (K / 2)), _MM_HINT_T1); /* next block */
-                                int4_unit(unit, w);
-                                for (int t = 0; t < 4; t++) _mm512_store_si512((void *)widened[t][r], (__m512i)w[t]);
-                            }
-                            for (int t = 0; t < 4; t++) {
-                                _tile_loadd(A_TILE, widened[t], 64);
-                                for (int c = 0; c < pass; c++) {
-                                    _tile_loadd(B_TILE, b_tile(pairs, c0 + c, k0 / 32 + t, K, width), 4 * width);
-                                    ON_C_TILE(c, PRODUCT)
-                                }
-                                if (--left > 0) continue;
-                                float scale[TILE], zero_scale[TILE]; /* the end of group g: scale * (C - (128 + zero) X) */
-                                for (int r = 0; r < TILE; r++) {
-                                    const size_t at = (size_t)(n0 + r) * G + g;
-                                    scale[r] = scales[at], zero_scale[r] = (float)(128 + zeros[at]) * scales[at];
-                                }
-                                for (int c = 0; c < pass; c++) {
-                                    ON_C_TILE(c, STORE_SUMS)
-                                    ON_C_TILE(c, ZERO)
-                                    float *total = sums_of(buffer, c0 + c, n0, N);
-                                    const __m512 x_sums = _mm512_load_ps(xsum + ((size_t)(c0 + c) * G + g) * TILE);
-                                    for (int r = 0; r < TILE; r++) {
-                                        const __m512 offset_total = _mm512_fnmadd_ps(
-                                            _mm512_set1_ps(zero_scale[r]), x_sums, _mm512_load_ps(total + r * TILE));
-                                        _mm512_store_ps(total + r * TILE, _mm512_fmadd_ps(_mm512_load_ps(sums + r * TILE),
-                                                                          _mm512_set1_ps(scale[r]), offset_total));
-                                    }
-                                }
-                                g++, left = steps_per_group;
-                            }
-                        }
-                        if (k1 + kb == K)
-                            for (int c = 0; c < pass; c++)
-                                store_block(sums_of(buffer, c0 + c, n0, N), (c0 + c) * width,
-                                            chunk_rows(c0 + c, M, width), N, n0, bias, y);
+                        if (pass == 1) int4_pass(&product, 1, c0, n0, k1, kb, totals, sums); /* a decode batch */
+                        else int4_pass(&product, pass, c0, n0, k1, kb, totals, sums);
                     }
             }
         }
         _tile_release();
     }
-    free(pairs);
+    free((void *)product.pairs);
     free(xsum);
-    free(buffer);
+    free(product.buffer);
 }
