@@ -16,6 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from quantkit import native
 from quantkit.backends import open_backend
 from quantkit.export.gptq import GptqOptions, export_gptq
 from quantkit.export.onnx_int4 import Int4Options, export_onnx_int4
@@ -26,6 +27,13 @@ RESULTS = Path(__file__).parent / "results"
 NAME = "tiny_quality"
 REFERENCE = "tiny"
 VARIANTS = {"rtn4": ("rtn", 4), "gptq4": ("gptq", 4), "rtn3": ("rtn", 3), "gptq3": ("gptq", 3)}
+
+
+def window_kernel() -> str:
+    """The kernel the GPTQ backend's 4-bit products of a scored window run on here (3-bit: gptqmodel's always)."""
+    if native.amx_available():
+        return "quantkit's amx.c, exact as at decode; 3-bit on gptqmodel's CPU kernel"
+    return "gptqmodel's CPU kernel"
 
 
 def gptq_options(method: str, bits: int, group_size: int) -> GptqOptions:
@@ -72,9 +80,9 @@ def write_tables(rows: dict[str, dict], request: EvalRequest, info: dict, comman
         f"{first['scored_tokens']} scored tokens; fp32 reference perplexity {first['reference_perplexity']:.3f}. "
         "KL divergence and top-1 agreement vs the fp32 model on the first 16,384 scored tokens. GPTQ: 64 "
         "chat-format calibration samples x 256 tokens of `tiny-train`, symmetric, no act-order. GPTQ/RTN rows run "
-        "through the GPTQ backend as users run them (gptqmodel's CPU kernel, bf16 activations); the W4A8 row "
-        "through ONNX Runtime.\n",
-        f"Machine: {machine_line(info)} (quality figures do not depend on it).\n",
+        f"through the GPTQ backend as users run them (bf16 activations; 4-bit windows on {window_kernel()}); the "
+        "W4A8 row through ONNX Runtime.\n",
+        f"Machine: {machine_line(info)} (quality figures depend on it only through that kernel).\n",
         f"Made by: `{command}`\n",
         "| variant | perplexity | Δ% vs fp32 | mean KLD | top-1 agree |",
         "|---|---:|---:|---:|---:|",
