@@ -60,8 +60,8 @@ int qk_amx_enable(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PER
  * (6) of weights is loaded once for all of them; B (7) is the chunk's x.
  *
  * More than one chunk (a prefill) goes by panels of PANEL_CHUNKS chunks and blocks of about K_BLOCK inputs: a
- * panel's block of x pairs (768 KiB) stays in L2 while every weight block passes over it, and the sums wait in an
- * fp32 buffer between input blocks. Without the blocks x streamed from L3 for every weight block: int4 [4096 x 16384]
+ * panel's block of x pairs (768 KiB) stays in L2 while every weight block passes over it, and the panel's totals
+ * wait in an fp32 buffer between input blocks (12 x 16 rows x N x 4 bytes at most, whatever the prefill's length). Without the blocks x streamed from L3 for every weight block: int4 [4096 x 16384]
  * at 128 rows 28.3 -> 14.4 ms with them, [12288 x 4096] at 512 rows 84.5 -> 44.4 ms (panels of 6, 12, 24 and 48
  * chunks by blocks of 4096, 2048, 1024 and 512 inputs were within noise of each other but the last, slower). */
 #define MAX_CHUNKS 6
@@ -128,8 +128,9 @@ static inline const uint32_t *b_tile(const uint32_t *pairs, int c, int s, int K,
     return pairs + ((size_t)c * (K / 2) + (size_t)s * 16) * width;
 }
 
-/* The fp32 sums of weight block n0 and chunk c: 16 weight rows x 16 columns in a buffer of chunks x N x 16. */
-static inline float *sums_of(float *buffer, int c, int n0, int N) {
+/* The totals of weight block n0 and a panel's chunk c: 16 weight rows x 16 columns in a buffer of (chunks of a panel)
+ * x N x 16. */
+static inline float *totals_of(float *buffer, int c, int n0, int N) {
     return buffer + ((size_t)c * (N / TILE) + n0 / TILE) * TILE * TILE;
 }
 
@@ -173,23 +174,23 @@ typedef struct {
     const uint8_t *zeros;
     const uint32_t *pairs; /* pack_pairs */
     const float *xsum;     /* [chunk][group][column] */
-    float *buffer;         /* the totals between input blocks: [chunk][N / 16][16 x 16] */
+    float *buffer;         /* a panel's totals between input blocks: [chunk of the panel][N / 16][16 x 16] */
     uint16_t *y;
     int M, N, K, group, width;
 } int4_product;
 
-/* Weight block n0 (16 rows) by chunks c0..c0+pass-1 over inputs k1..k1+kb-1 (whole groups): totals[c] from the
- * buffer (or zero at k1 = 0), to the buffer (or y at the last block); `sums` holds a C tile. `pass` a constant where
- * inlined. */
-static inline __attribute__((always_inline)) void int4_pass(const int4_product *p, const int pass, int c0, int n0,
-                                                            int k1, int kb, float totals[MAX_CHUNKS][TILE * TILE],
-                                                            float *sums) {
+/* Weight block n0 (16 rows) by chunks c0..c0+pass-1 of the panel from chunk p0 over inputs k1..k1+kb-1 (whole
+ * groups): totals[c] from the buffer (or zero at k1 = 0), to the buffer (or y at the last block); `sums` holds a C
+ * tile. `pass` a constant where inlined. */
+static inline __attribute__((always_inline)) void int4_pass(const int4_product *p, const int pass, int p0, int c0,
+                                                            int n0, int k1, int kb,
+                                                            float totals[MAX_CHUNKS][TILE * TILE], float *sums) {
     const int K = p->K, G = K / p->group, steps_per_group = p->group / 32;
     uint16_t widened[4][TILE][32] __attribute__((aligned(64)));
     for (int c = 0; c < pass; c++) {
         ON_C_TILE(c, ZERO)
         if (k1 == 0) memset(totals[c], 0, sizeof totals[c]);
-        else memcpy(totals[c], sums_of(p->buffer, c0 + c, n0, p->N), sizeof totals[c]);
+        else memcpy(totals[c], totals_of(p->buffer, c0 - p0 + c, n0, p->N), sizeof totals[c]);
     }
     int g = k1 / p->group, left = steps_per_group;
     for (int k0 = k1; k0 < k1 + kb; k0 += 128) {
@@ -231,7 +232,7 @@ static inline __attribute__((always_inline)) void int4_pass(const int4_product *
         if (k1 + kb == K)
             store_block(totals[c], (c0 + c) * p->width, chunk_rows(c0 + c, p->M, p->width), p->N, n0, p->bias, p->y);
         else
-            memcpy(sums_of(p->buffer, c0 + c, n0, p->N), totals[c], sizeof totals[c]);
+            memcpy(totals_of(p->buffer, c0 - p0 + c, n0, p->N), totals[c], sizeof totals[c]);
 }
 
 void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *scales, const uint8_t *zeros, int N,
@@ -248,7 +249,8 @@ void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *s
     }
     const int4_product product = {
         .q = q, .scales = scales, .bias = bias, .zeros = zeros, .pairs = pack_pairs(x, M, K, width), .xsum = xsum,
-        .buffer = kb < K ? aligned_alloc(64, (size_t)chunks * N * TILE * sizeof(float)) : NULL, /* none at decode */
+        .buffer = kb < K ? aligned_alloc(64, (size_t)(chunks < PANEL_CHUNKS ? chunks : PANEL_CHUNKS) * N * TILE *
+                                             sizeof(float)) : NULL, /* none at decode */
         .y = y, .M = M, .N = N, .K = K, .group = group, .width = width};
 #pragma omp parallel
     {
@@ -265,8 +267,8 @@ void qk_int4_gemm_amx(const uint16_t *x, int M, const uint8_t *q, const float *s
                 for (int n0 = 0; n0 < N; n0 += TILE)
                     for (int c0 = p0; c0 < panel_end; c0 += MAX_CHUNKS) {
                         const int pass = panel_end - c0 < MAX_CHUNKS ? panel_end - c0 : MAX_CHUNKS;
-                        if (pass == 1) int4_pass(&product, 1, c0, n0, k1, kb, totals, sums); /* a decode batch */
-                        else int4_pass(&product, pass, c0, n0, k1, kb, totals, sums);
+                        if (pass == 1) int4_pass(&product, 1, p0, c0, n0, k1, kb, totals, sums); /* decode */
+                        else int4_pass(&product, pass, p0, c0, n0, k1, kb, totals, sums);
                     }
             }
         }
