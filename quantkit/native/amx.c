@@ -113,7 +113,7 @@ static uint32_t *pack_pairs(const uint16_t *x, int M, int K, int width) {
     const int chunks = (M + width - 1) / width;
     const size_t bytes = (size_t)chunks * width * K * sizeof *x;
     uint32_t *pairs = aligned_alloc(64, (bytes + 63) / 64 * 64); /* a pair of inputs moves as one 32-bit value */
-    if (M % width) memset(pairs, 0, bytes);
+    if (M % width) memset(pairs + (size_t)(chunks - 1) * (K / 2) * width, 0, (size_t)(K / 2) * width * sizeof *pairs);
     const uint32_t *x_pairs = (const uint32_t *)x;
 #pragma omp parallel for schedule(static) if (M > TILE)
     for (int m = 0; m < M; m++) {
